@@ -1,0 +1,158 @@
+"""Checking the members handed to a merge and reading what they share.
+
+Members arrive as fitted skorch classifiers, possibly wrapped in
+:class:`sklearn.frozen.FrozenEstimator`. This module unwraps them, checks that
+they are fitted and share one architecture and one set of classes, and reads
+their modules without touching them.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.frozen import FrozenEstimator
+from sklearn.utils.validation import check_is_fitted
+from skorch import NeuralNet
+
+
+def unwrap_member(member, index: int) -> NeuralNet:
+    """Return the skorch net inside ``member``, checking that it is fitted.
+
+    Parameters
+    ----------
+    member : skorch.NeuralNet or sklearn.frozen.FrozenEstimator
+        A fitted skorch net, or one wrapped in ``FrozenEstimator``.
+    index : int
+        Position of the member in ``estimators``, used in error messages.
+
+    Returns
+    -------
+    net : skorch.NeuralNet
+        The fitted skorch net itself (not a copy).
+
+    Raises
+    ------
+    TypeError
+        If ``member`` is not a skorch net.
+    ValueError
+        If the net is not fitted.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from sk_softmerge._members import unwrap_member
+    >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=2,
+    ...                           module__out_features=2)
+    >>> unwrap_member(net, 0)
+    Traceback (most recent call last):
+        ...
+    ValueError: estimators[0] is not fitted: fit each member before merging.
+    """
+    net = member.estimator if isinstance(member, FrozenEstimator) else member
+    if not isinstance(net, NeuralNet):
+        raise TypeError(
+            f"estimators[{index}] must be a fitted skorch net (or one wrapped in "
+            f"FrozenEstimator); got {type(member).__name__}."
+        )
+    try:
+        check_is_fitted(net)
+        net.classes_  # noqa: B018 (classes_ exists only once the net has seen y)
+    except Exception as exc:
+        raise ValueError(
+            f"estimators[{index}] is not fitted: fit each member before merging."
+        ) from exc
+    return net
+
+
+def check_members(estimators) -> list[NeuralNet]:
+    """Unwrap the members and check that they can be merged.
+
+    Members can be merged when there are at least two, all fitted, with the same
+    classes, parameter names, shapes and dtypes.
+
+    Parameters
+    ----------
+    estimators : sequence of skorch nets
+        The members, each a fitted skorch classifier or one wrapped in
+        ``FrozenEstimator``.
+
+    Returns
+    -------
+    nets : list of skorch.NeuralNet
+        The unwrapped nets, in order.
+
+    Raises
+    ------
+    ValueError
+        If fewer than two members are given, or a member is unfitted or differs
+        from the first one.
+
+    Examples
+    --------
+    >>> from sk_softmerge._members import check_members
+    >>> check_members([])
+    Traceback (most recent call last):
+        ...
+    ValueError: estimators must hold at least 2 fitted nets to merge; got 0.
+    """
+    if not isinstance(estimators, Sequence) or isinstance(estimators, str):
+        raise TypeError(
+            "estimators must be a list of fitted skorch nets; got "
+            f"{type(estimators).__name__}."
+        )
+    if len(estimators) < 2:
+        raise ValueError(
+            "estimators must hold at least 2 fitted nets to merge; got "
+            f"{len(estimators)}."
+        )
+    nets = [unwrap_member(member, i) for i, member in enumerate(estimators)]
+    first = nets[0]
+    reference = _parameter_signature(first.module_)
+    for i, net in enumerate(nets[1:], start=1):
+        if not np.array_equal(net.classes_, first.classes_):
+            raise ValueError(
+                f"estimators[{i}] has classes {list(net.classes_)}, but "
+                f"estimators[0] has {list(first.classes_)}: members must share "
+                "their classes."
+            )
+        _check_same_parameters(reference, _parameter_signature(net.module_), i)
+    return nets
+
+
+def _parameter_signature(module: torch.nn.Module) -> list[tuple]:
+    return [(name, tuple(p.shape), p.dtype) for name, p in module.named_parameters()]
+
+
+def _check_same_parameters(reference: list, other: list, index: int) -> None:
+    for (name0, shape0, dtype0), (name, shape, dtype) in zip(
+        reference, other, strict=False
+    ):
+        if name != name0:
+            raise ValueError(
+                f"estimators[{index}] has parameter {name!r} where estimators[0] "
+                f"has {name0!r}: members must share one architecture."
+            )
+        if shape != shape0:
+            raise ValueError(
+                f"Parameter {name!r} of estimators[{index}] has shape {shape}, but "
+                f"estimators[0] has shape {shape0}: members must share one "
+                "architecture."
+            )
+        if dtype != dtype0:
+            raise ValueError(
+                f"Parameter {name!r} of estimators[{index}] has dtype {dtype}, but "
+                f"estimators[0] has dtype {dtype0}."
+            )
+    if len(other) != len(reference):
+        n_common = min(len(other), len(reference))
+        owner, extra = (
+            (f"estimators[{index}]", other[n_common][0])
+            if len(other) > n_common
+            else ("estimators[0]", reference[n_common][0])
+        )
+        raise ValueError(
+            f"Parameter {extra!r} exists only in {owner}: estimators[{index}] has "
+            f"{len(other)} parameters, estimators[0] has {len(reference)}; members "
+            "must share one architecture."
+        )

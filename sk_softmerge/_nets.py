@@ -1,0 +1,63 @@
+"""Building the skorch net that holds a merge's weights."""
+
+import torch
+from sklearn.base import clone
+from skorch import NeuralNet
+
+
+def build_merged_net(reference: NeuralNet, state_dict: dict, classes) -> NeuralNet:
+    """A fitted copy of ``reference`` whose module holds ``state_dict``.
+
+    The copy has the reference's class and parameters (module, criterion,
+    predict nonlinearity, device) and a fresh, empty history. Initialising it
+    does not consume the caller's random numbers.
+
+    Parameters
+    ----------
+    reference : skorch.NeuralNet
+        A fitted member; it is not modified.
+    state_dict : dict of str to torch.Tensor
+        Weights and buffers for the copy's module.
+    classes : array-like
+        Classes the copy reports as ``classes_``.
+
+    Returns
+    -------
+    net : skorch.NeuralNet
+        An initialised net, ready to predict.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from sk_softmerge._nets import build_merged_net
+    >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=2,
+    ...     module__out_features=2, criterion=torch.nn.CrossEntropyLoss,
+    ...     max_epochs=1, verbose=0).fit(np.zeros((4, 2), "float32"), [0, 1, 0, 1])
+    >>> state = {k: torch.zeros_like(v) for k, v in net.module_.state_dict().items()}
+    >>> build_merged_net(net, state, [0, 1]).predict_proba(np.ones((1, 2), "float32"))
+    array([[0.5, 0.5]], dtype=float32)
+    """
+    net = clone(reference)
+    if "classes" in net.get_params(deep=False):
+        net.set_params(classes=list(classes))
+    with torch.random.fork_rng(devices=[]):
+        net.initialize()
+    net.module_.load_state_dict(state_dict)
+    return net
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """Floating dtype of a module's parameters (float32 for a module without any).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._nets import module_dtype
+    >>> module_dtype(torch.nn.Linear(2, 2).double())
+    torch.float64
+    """
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32

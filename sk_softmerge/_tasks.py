@@ -1,0 +1,75 @@
+"""The task a member was trained on: its loss and its output nonlinearity.
+
+The merge trains on the loss its members were trained with, so the gates
+optimise what the members optimised, and predicts through their own predict
+nonlinearity instead of assuming logits.
+"""
+
+import copy
+from collections.abc import Callable
+
+import torch
+from skorch import NeuralNet
+
+
+def classification_loss(
+    net: NeuralNet, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Loss of a skorch classifier, as a function of module output and labels.
+
+    The net's own criterion is copied to ``device`` and used as skorch uses it:
+    directly on the output for ``CrossEntropyLoss``, on the log of the output
+    for ``NLLLoss`` (the module returns probabilities), on float targets for
+    ``BCEWithLogitsLoss``. Any other criterion is replaced by the negative log
+    likelihood of the probabilities that the net's predict nonlinearity gives.
+
+    Parameters
+    ----------
+    net : skorch.NeuralNet
+        A fitted skorch classifier.
+    device : torch.device
+        Where the loss will be evaluated.
+
+    Returns
+    -------
+    loss : callable
+        ``loss(output, y)`` with ``y`` the class indices, returning a scalar.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from sk_softmerge._tasks import classification_loss
+    >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=2,
+    ...     module__out_features=2, criterion=torch.nn.CrossEntropyLoss,
+    ...     max_epochs=1, verbose=0)
+    >>> _ = net.fit(np.zeros((4, 2), "float32"), np.array([0, 1, 0, 1]))
+    >>> loss = classification_loss(net, torch.device("cpu"))
+    >>> float(loss(torch.zeros(2, 2), torch.tensor([0, 1])))
+    0.693...
+    """
+    criterion = copy.deepcopy(net.criterion_).to(device)
+    criterion = getattr(criterion, "_orig_mod", criterion)
+    if isinstance(criterion, torch.nn.CrossEntropyLoss):
+        return criterion
+    if isinstance(criterion, torch.nn.NLLLoss):
+
+        def nll_on_probabilities(output, y):
+            return criterion(torch.log(output + torch.finfo(output.dtype).eps), y)
+
+        return nll_on_probabilities
+    if isinstance(criterion, torch.nn.BCEWithLogitsLoss):
+
+        def binary_cross_entropy(output, y):
+            return criterion(output.reshape(y.shape), y.to(output.dtype))
+
+        return binary_cross_entropy
+
+    nonlinearity = net._get_predict_nonlinearity()
+
+    def nll_of_predicted_probabilities(output, y):
+        proba = nonlinearity(output)
+        log_proba = torch.log(proba + torch.finfo(proba.dtype).eps)
+        return torch.nn.functional.nll_loss(log_proba, y)
+
+    return nll_of_predicted_probabilities
