@@ -210,7 +210,7 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
             device=device,
         ).eval()
         dtype = module_dtype(merger.template)
-        X_t = torch.as_tensor(X, dtype=dtype, device=device)
+        X_t = torch.tensor(X, dtype=dtype, device=device)
         y_t = torch.as_tensor(y_index, device=device)
         _check_forward(merger, X_t)
 
@@ -268,7 +268,8 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         y : ndarray of shape (n_samples,)
             Labels taken from ``classes_``.
         """
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(axis=1)]
 
 
 def _class_indices(y: np.ndarray, classes: np.ndarray) -> np.ndarray:

@@ -111,10 +111,10 @@ def check_members(estimators) -> list[NeuralNet]:
     reference = _parameter_signature(first.module_)
     for i, net in enumerate(nets[1:], start=1):
         if not np.array_equal(net.classes_, first.classes_):
+            classes, expected = (np.asarray(n.classes_).tolist() for n in (net, first))
             raise ValueError(
-                f"estimators[{i}] has classes {list(net.classes_)}, but "
-                f"estimators[0] has {list(first.classes_)}: members must share "
-                "their classes."
+                f"estimators[{i}] has classes {classes}, but estimators[0] has "
+                f"{expected}: members must share their classes."
             )
         _check_same_parameters(reference, _parameter_signature(net.module_), i)
     return nets

@@ -33,7 +33,8 @@ def build_merged_net(reference: NeuralNet, state_dict: dict, classes) -> NeuralN
     >>> from sk_softmerge._nets import build_merged_net
     >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=2,
     ...     module__out_features=2, criterion=torch.nn.CrossEntropyLoss,
-    ...     max_epochs=1, verbose=0).fit(np.zeros((4, 2), "float32"), [0, 1, 0, 1])
+    ...     max_epochs=1, train_split=None, verbose=0)
+    >>> net = net.fit(np.zeros((4, 2), "float32"), np.array([0, 1, 0, 1]))
     >>> state = {k: torch.zeros_like(v) for k, v in net.module_.state_dict().items()}
     >>> build_merged_net(net, state, [0, 1]).predict_proba(np.ones((1, 2), "float32"))
     array([[0.5, 0.5]], dtype=float32)

@@ -42,7 +42,7 @@ def classification_loss(
     >>> from sk_softmerge._tasks import classification_loss
     >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=2,
     ...     module__out_features=2, criterion=torch.nn.CrossEntropyLoss,
-    ...     max_epochs=1, verbose=0)
+    ...     max_epochs=1, train_split=None, verbose=0)
     >>> _ = net.fit(np.zeros((4, 2), "float32"), np.array([0, 1, 0, 1]))
     >>> loss = classification_loss(net, torch.device("cpu"))
     >>> float(loss(torch.zeros(2, 2), torch.tensor([0, 1])))

@@ -1,0 +1,66 @@
+"""Shared fixtures: small fitted skorch members, built once per test module."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from skorch import NeuralNetClassifier
+
+N_HIDDEN = 16
+
+
+def make_module(n_features=64, n_classes=10, softmax=False):
+    layers = [
+        torch.nn.Linear(n_features, N_HIDDEN),
+        torch.nn.ReLU(),
+        torch.nn.Linear(N_HIDDEN, n_classes),
+    ]
+    if softmax:
+        layers.append(torch.nn.Softmax(dim=-1))
+    return torch.nn.Sequential(*layers)
+
+
+def forked_members(X, y, n_members=3, seed=0, softmax=False, **net_params):
+    """Members forked from one short shared training, each on a bootstrap sample."""
+    torch.manual_seed(seed)
+    params = dict(
+        criterion=torch.nn.NLLLoss if softmax else torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.SGD,
+        lr=0.2,
+        max_epochs=2,
+        batch_size=64,
+        train_split=None,
+        verbose=0,
+    )
+    params.update(net_params)
+    module = make_module(X.shape[1], len(np.unique(y)), softmax=softmax)
+    shared = NeuralNetClassifier(module, **params).fit(X, y)
+    rng = np.random.default_rng(seed)
+    members = []
+    for _ in range(n_members):
+        member = copy.deepcopy(shared).set_params(max_epochs=3)
+        sample = rng.integers(0, len(X), len(X))
+        members.append(member.partial_fit(X[sample], y[sample]))
+    return members
+
+
+@pytest.fixture(scope="session")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return (X / 16.0).astype(np.float32), y
+
+
+@pytest.fixture(scope="session")
+def members(digits):
+    return forked_members(*digits)
+
+
+@pytest.fixture(autouse=True)
+def seed_everything():
+    torch.manual_seed(0)
+
+
+def parameters_of(net):
+    return {k: v.detach().clone() for k, v in net.module_.state_dict().items()}

@@ -1,0 +1,66 @@
+"""scikit-learn's common estimator checks.
+
+The members are nets with a fixed input width (3 features) and fixed classes
+(0, 1, 2), so every check that feeds another width or other labels cannot pass;
+each is listed with its reason.
+"""
+
+import numpy as np
+import torch
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from skorch import NeuralNetClassifier
+
+from sk_softmerge import SoftMergeClassifier
+
+N_FEATURES, N_CLASSES = 3, 3
+
+
+def _member(seed):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(60, N_FEATURES)).astype(np.float32)
+    y = np.arange(60) % N_CLASSES
+    module = torch.nn.Sequential(
+        torch.nn.Linear(N_FEATURES, 8), torch.nn.ReLU(), torch.nn.Linear(8, N_CLASSES)
+    )
+    return NeuralNetClassifier(
+        module,
+        criterion=torch.nn.CrossEntropyLoss,
+        max_epochs=2,
+        train_split=None,
+        verbose=0,
+    ).fit(X, y)
+
+
+WIDTH = f"the members take exactly {N_FEATURES} features; the check feeds another width"
+LABELS = "the members know the classes 0, 1, 2 only; the check uses other labels"
+EXPECTED_FAILED = {
+    "check_estimators_overwrite_params": WIDTH,
+    "check_estimators_fit_returns_self": WIDTH,
+    "check_readonly_memmap_input": WIDTH,
+    "check_n_features_in_after_fitting": WIDTH,
+    "check_positive_only_tag_during_fit": WIDTH,
+    "check_estimators_dtypes": WIDTH,
+    "check_classifier_data_not_an_array": WIDTH,
+    "check_classifiers_train": WIDTH,
+    "check_fit2d_1sample": WIDTH,
+    "check_fit2d_1feature": WIDTH,
+    "check_fit_idempotent": WIDTH,
+    "check_fit_check_is_fitted": WIDTH,
+    "check_n_features_in": WIDTH,
+    "check_dtype_object": LABELS,
+    "check_classifiers_classes": LABELS,
+    "check_classifiers_one_label": (
+        "the merge predicts among the members' classes, not only the one label "
+        "present in y"
+    ),
+}
+
+
+@parametrize_with_checks(
+    [SoftMergeClassifier([_member(0), _member(1)], max_epochs=2, random_state=0)],
+    expected_failed_checks=lambda estimator: EXPECTED_FAILED,
+    xfail_strict=True,
+)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)

@@ -1,0 +1,87 @@
+"""The hard-concrete gate mathematics against its closed forms."""
+
+import math
+
+import pytest
+import torch
+
+from sk_softmerge._gates import (
+    BETA,
+    GAMMA,
+    ZETA,
+    cdf_qz,
+    deterministic_z,
+    expected_l0,
+    quantile_concrete,
+    sample_z,
+)
+
+LOG_ALPHAS = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0, 4.0])
+
+
+def test_constants_are_the_papers():
+    assert (BETA, GAMMA, ZETA) == (2.0 / 3.0, -0.1, 1.1)
+
+
+def test_quantile_concrete_closed_form():
+    u = torch.tensor([0.1, 0.5, 0.9])
+    log_alpha = torch.tensor([0.3, -1.0, 2.0])
+    s = 1 / (1 + torch.exp(-(torch.log(u / (1 - u)) + log_alpha) / BETA))
+    torch.testing.assert_close(
+        quantile_concrete(u, log_alpha), s * (ZETA - GAMMA) + GAMMA
+    )
+
+
+def test_cdf_inverts_quantile():
+    u = torch.linspace(0.05, 0.95, 19)
+    log_alpha = torch.full_like(u, 0.7)
+    x = quantile_concrete(u, log_alpha)
+    cdf = torch.stack(
+        [cdf_qz(float(xi), la) for xi, la in zip(x, log_alpha, strict=True)]
+    )
+    torch.testing.assert_close(cdf, u, atol=1e-5, rtol=0)
+
+
+def test_expected_l0_is_probability_of_nonzero_gate():
+    torch.testing.assert_close(expected_l0(LOG_ALPHAS), 1 - cdf_qz(0.0, LOG_ALPHAS))
+    closed_form = torch.sigmoid(LOG_ALPHAS - BETA * math.log(-GAMMA / ZETA))
+    torch.testing.assert_close(expected_l0(LOG_ALPHAS), closed_form)
+
+
+def test_deterministic_gate_closed_form():
+    expected = torch.clamp(torch.sigmoid(LOG_ALPHAS) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    torch.testing.assert_close(deterministic_z(LOG_ALPHAS), expected)
+    assert deterministic_z(torch.tensor(-20.0)) == 0
+    assert deterministic_z(torch.tensor(20.0)) == 1
+
+
+@pytest.mark.parametrize("log_alpha", [-2.0, 0.0, 1.5])
+def test_sampled_atoms_match_cdf(log_alpha):
+    """Monte-Carlo P(z = 0) and P(z = 1) agree with the distribution's CDF."""
+    n = 200_000
+    la = torch.full((n,), log_alpha)
+    z = sample_z(la, torch.Generator().manual_seed(0))
+    p_zero = float(cdf_qz(0.0, torch.tensor(log_alpha)))
+    p_one = float(1 - cdf_qz(1.0, torch.tensor(log_alpha)))
+    tolerance = 5 * math.sqrt(0.25 / n)
+    assert abs(float((z == 0).double().mean()) - p_zero) < tolerance
+    assert abs(float((z == 1).double().mean()) - p_one) < tolerance
+    assert abs(float((z > 0).double().mean()) - float(expected_l0(la[0]))) < tolerance
+
+
+def test_samples_in_unit_interval_and_differentiable():
+    log_alpha = torch.zeros(1000, requires_grad=True)
+    z = sample_z(log_alpha, torch.Generator().manual_seed(1))
+    assert ((z >= 0) & (z <= 1)).all()
+    z.sum().backward()
+    assert log_alpha.grad is not None
+    assert (log_alpha.grad >= 0).all() and (log_alpha.grad > 0).any()
+
+
+def test_sampling_repeatable_with_generator():
+    log_alpha = torch.zeros(50)
+    a = sample_z(log_alpha, torch.Generator().manual_seed(3))
+    b = sample_z(log_alpha, torch.Generator().manual_seed(3))
+    c = sample_z(log_alpha, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
