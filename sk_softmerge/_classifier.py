@@ -1,27 +1,33 @@
 """scikit-learn glue around the merging core: :class:`SoftMergeClassifier`."""
 
+import warnings
+from functools import partial
 from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context, clone
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._base import MemberClassifierMixin
 from ._devices import resolve_device
-from ._members import check_members
+from ._evaluation import choose, correct_predictions, member_forward
 from ._merging import SoftMerge
-from ._nets import build_merged_net, module_dtype
+from ._nets import build_merged_net
+from ._screening import extreme_units, nonfinite_members
 from ._tasks import classification_loss
 from ._training import learn_gates
 
 INIT_LOG_ALPHA = 3.0
-"""Gates start open (deterministic gate 1), so training starts from the average."""
+"""Gates start open (deterministic gate 1), so training starts from the average;
+gates that screening finds suspicious start at minus this value, closed."""
+
+SOFT_MERGE, UNIFORM = "soft merge", "uniform average"
 
 
-class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
+class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
     """Merge fitted skorch classifiers into one net with learned L0 gates.
 
     Each member's weights are kept as they are; one hard-concrete gate per
@@ -54,7 +60,13 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
     merge : None, str or list of str, default=None
         Name patterns (shell-style, as in :mod:`fnmatch`) of the modules or
         parameters to merge, e.g. ``["0", "2.weight"]``; the rest is copied from
-        the first member. ``None`` merges everything.
+        the reference member. ``None`` merges everything.
+    validation_fraction : float, default=0.2
+        Fraction of ``(X, y)`` held out, stratified, to compare the merge with
+        every member and with uniform weight averaging. When one of them is
+        significantly more accurate than the merge there (see Notes), ``fit``
+        warns and falls back to it; a member is then reproduced exactly. ``0``
+        trains on all data and compares nothing.
     device : str, default="auto"
         Where the gates are learned: ``"auto"`` (CUDA when available), ``"cpu"``,
         ``"cuda"`` or ``"cuda:N"``.
@@ -73,12 +85,27 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         Names of features seen during ``fit``, when ``X`` has string column
         names.
     gates_ : ndarray of shape (n_estimators, n_units)
-        Deterministic gate of every member on every merged unit, in ``[0, 1]``.
+        Deterministic gate of every member on every merged unit, in ``[0, 1]``,
+        for the merge in ``merged_net_`` (one-hot after a fallback to a member,
+        all ones after a fallback to the uniform average, zeros for excluded
+        members).
     unit_names_ : list of str
         Name of every merged unit.
     merged_net_ : skorch net
         A fitted net of the members' class and parameters holding the merged
         weights; it can be used on its own.
+    validation_scores_ : dict of str to float or None
+        Validation accuracy of ``"soft merge"``, ``"uniform average"`` and every
+        ``"member i"`` that was not excluded (``-1`` for a candidate whose
+        probabilities are not finite); ``None`` when ``validation_fraction=0``.
+    selected_ : str
+        Which candidate ``merged_net_`` holds: ``"soft merge"`` unless ``fit``
+        fell back.
+    excluded_estimators_ : list of int
+        Members left out because they hold NaN or inf.
+    screened_ : ndarray of shape (n_estimators, n_units), dtype bool
+        Gates that started closed because the member's weights on that unit lie
+        far from every other member's (see Notes).
     loss_curve_ : list of float
         Mean training objective per epoch.
     n_iter_ : int
@@ -135,6 +162,7 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "granularity": [StrOptions({"layer", "tensor", "neuron"})],
         "merge": [None, str, list, tuple],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -150,6 +178,7 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         batch_size=128,
         granularity="layer",
         merge=None,
+        validation_fraction=0.2,
         device="auto",
         random_state=None,
         verbose=0,
@@ -161,22 +190,10 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.granularity = granularity
         self.merge = merge
+        self.validation_fraction = validation_fraction
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
-
-    def __sklearn_clone__(self):
-        # The default clone would clone each member, and cloning a skorch net
-        # un-fits it; the members are inputs to be kept, as FrozenEstimator does.
-        params = self.get_params(deep=False)
-        estimators = params.pop("estimators")
-        return type(self)(estimators, **clone(params, safe=False))
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
-        tags.classifier_tags.multi_label = False
-        return tags
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y):
@@ -195,93 +212,141 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         self : SoftMergeClassifier
             The fitted estimator.
         """
-        nets = check_members(self.estimators)
+        nets, X, y = self._validate_fit_data(X, y)
         device = resolve_device(self.device)
-        X, y = validate_data(self, X, y, allow_nd=True, dtype="numeric")
-        check_classification_targets(y)
-        classes = np.asarray(nets[0].classes_)
-        y_index = _class_indices(y, classes)
+        random_state = check_random_state(self.random_state)
+        X_train, X_val, y_train, y_val = _split(
+            X, y, self.validation_fraction, random_state
+        )
+        self.excluded_estimators_ = nonfinite_members([net.module_ for net in nets])
+        if len(self.excluded_estimators_) == len(nets):
+            raise ValueError(
+                "Every member holds non-finite weights (NaN or inf); there is "
+                "nothing to merge."
+            )
+        if self.excluded_estimators_:
+            warnings.warn(
+                f"estimators {self.excluded_estimators_} hold non-finite weights "
+                "(NaN or inf) and are excluded from the merge.",
+                UserWarning,
+                stacklevel=3,
+            )
+        kept = [i for i in range(len(nets)) if i not in self.excluded_estimators_]
 
         merger = SoftMerge(
-            [net.module_ for net in nets],
+            [nets[i].module_ for i in kept],
             granularity=self.granularity,
             merge=self.merge,
             init_log_alpha=INIT_LOG_ALPHA,
             device=device,
-        ).eval()
-        dtype = module_dtype(merger.template)
-        X_t = torch.tensor(X, dtype=dtype, device=device)
-        y_t = torch.as_tensor(y_index, device=device)
-        _check_forward(merger, X_t)
+        )
+        screened = extreme_units(merger.theta, merger.unit_index, len(merger.units))
+        with torch.no_grad():
+            merger.log_alpha[screened] = -INIT_LOG_ALPHA
+        # Unmerged parameters and buffers come from the first member that looks
+        # sound everywhere, so a malicious member never supplies them.
+        sound = (~screened.any(dim=1)).nonzero()
+        reference = kept[int(sound[0]) if len(sound) else 0]
+        merger.set_reference(nets[reference].module_)
+        merger.eval()
 
-        seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
-        generator = torch.Generator(device=device).manual_seed(int(seed))
+        X_train = torch.as_tensor(X_train, device=device)
+        _check_forward(merger, X_train)
+        generator = torch.Generator(device=device).manual_seed(
+            int(random_state.randint(np.iinfo(np.int32).max))
+        )
+        # A single sound member is its own merge: there are no gates to learn.
         self.loss_curve_ = learn_gates(
             merger,
-            classification_loss(nets[0], device),
-            X_t,
-            y_t,
+            classification_loss(nets[reference], device),
+            X_train,
+            torch.as_tensor(y_train, device=device),
             l0_weight=self.l0_weight,
-            max_epochs=self.max_epochs,
+            max_epochs=self.max_epochs if len(kept) > 1 else 0,
             lr=self.lr,
             batch_size=self.batch_size,
             generator=generator,
             verbose=self.verbose,
         )
         self.n_iter_ = len(self.loss_curve_)
-        self.classes_ = classes
-        self.gates_ = merger.gates().detach().cpu().numpy()
         self.unit_names_ = merger.unit_names
-        self.merged_net_ = build_merged_net(
-            nets[0], merger.merged_state_dict(), classes
-        )
+        self.screened_ = _per_estimator(screened.cpu().numpy(), kept, len(nets))
+
+        gates = merger.gates().detach()
+        self.selected_, self.validation_scores_ = SOFT_MERGE, None
+        if X_val is not None:
+            correct = _validation_correct(
+                merger, gates, nets, kept, reference, X_val, y_val
+            )
+            self.validation_scores_ = {
+                name: -1.0 if c is None else float(c.mean())
+                for name, c in correct.items()
+            }
+            self.selected_ = choose(correct, SOFT_MERGE)
+        if self.selected_ == SOFT_MERGE:
+            state = merger.merged_state_dict(gates)
+        elif self.selected_ == UNIFORM:
+            gates = torch.ones_like(gates)
+            state = merger.merged_state_dict(gates)
+        else:
+            member = int(self.selected_.split()[-1])
+            gates = torch.zeros_like(gates)
+            gates[kept.index(member)] = 1.0
+            state = nets[member].module_.state_dict()
+        if self.selected_ != SOFT_MERGE:
+            warnings.warn(
+                f"The soft merge scored {self.validation_scores_[SOFT_MERGE]:.4f} on "
+                f"the validation data, significantly below {self.selected_} "
+                f"({self.validation_scores_[self.selected_]:.4f}); falling back to "
+                f"{self.selected_}. See validation_scores_.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.gates_ = _per_estimator(gates.cpu().numpy(), kept, len(nets))
+        self.merged_net_ = build_merged_net(nets[reference], state, self.classes_)
         return self
 
-    def predict_proba(self, X):
-        """Class probabilities of the merged net.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-            Inputs, with the shape seen during ``fit``.
-
-        Returns
-        -------
-        proba : ndarray of shape (n_samples, n_classes)
-            Probabilities, columns in the order of ``classes_``.
-        """
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
-        dtype = module_dtype(self.merged_net_.module_)
-        return self.merged_net_.predict_proba(X.astype(_numpy_dtype(dtype)))
-
-    def predict(self, X):
-        """Predicted class of every sample.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-            Inputs, with the shape seen during ``fit``.
-
-        Returns
-        -------
-        y : ndarray of shape (n_samples,)
-            Labels taken from ``classes_``.
-        """
-        proba = self.predict_proba(X)
-        return self.classes_[proba.argmax(axis=1)]
+def _split(X, y, fraction, random_state):
+    """Stratified train/validation split; no validation part for ``fraction=0``."""
+    if fraction == 0:
+        return X, None, y, None
+    seed = random_state.randint(np.iinfo(np.int32).max)
+    try:
+        return train_test_split(X, y, test_size=fraction, stratify=y, random_state=seed)
+    except ValueError:
+        # Too few samples of some class to stratify: split without it.
+        return train_test_split(X, y, test_size=fraction, random_state=seed)
 
 
-def _class_indices(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    known = np.isin(y, classes)
-    if not known.all():
-        unknown = np.unique(y[~known]).tolist()
-        raise ValueError(
-            f"y holds labels {unknown} that the members do not know; the members' "
-            f"classes are {classes.tolist()}."
-        )
-    sorter = np.argsort(classes)
-    return sorter[np.searchsorted(classes, y, sorter=sorter)]
+def _validation_correct(merger, gates, nets, kept, reference, X_val, y_val):
+    """Per-sample validation correctness of the soft merge, the uniform average
+    and each member.
+
+    """
+    device = gates.device
+    X_val = torch.as_tensor(X_val, device=device)
+    y_val = torch.as_tensor(y_val, device=device)
+    nonlinearity = nets[reference]._get_predict_nonlinearity()
+    candidates = {
+        SOFT_MERGE: partial(merger, gates=gates),
+        UNIFORM: partial(merger, gates=torch.ones_like(gates)),
+    }
+    for i in kept:
+        candidates[f"member {i}"] = member_forward(merger.template, nets[i].module_)
+    return {
+        name: correct_predictions(forward, X_val, y_val, nonlinearity)
+        for name, forward in candidates.items()
+    }
+
+
+def _per_estimator(
+    values: np.ndarray, kept: list[int], n_estimators: int
+) -> np.ndarray:
+    """Rows for every estimator; excluded ones get zeros (closed gates)."""
+    full = np.zeros((n_estimators, values.shape[1]), dtype=values.dtype)
+    full[kept] = values
+    return full
 
 
 def _check_forward(merger: SoftMerge, X: torch.Tensor) -> None:
@@ -293,7 +358,3 @@ def _check_forward(merger: SoftMerge, X: torch.Tensor) -> None:
             f"X with sample shape {tuple(X.shape[1:])} cannot be passed through "
             f"the members' module: {exc}"
         ) from exc
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.empty((), dtype=dtype).numpy().dtype

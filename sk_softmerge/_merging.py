@@ -195,8 +195,9 @@ class SoftMerge(torch.nn.Module):
     Parameters
     ----------
     modules : sequence of torch.nn.Module
-        At least two modules with identical parameter names and shapes. The
-        first one is the reference for everything that is not merged.
+        Modules with identical parameter names and shapes. The first one is the
+        reference for everything that is not merged, until
+        :meth:`set_reference` names another.
     granularity : {"layer", "tensor", "neuron"}, default="layer"
         How weights are grouped into units that share a gate; see
         :func:`find_units`.
@@ -241,8 +242,8 @@ class SoftMerge(torch.nn.Module):
         device=None,
     ):
         super().__init__()
-        if len(modules) < 2:
-            raise ValueError(f"Merging needs at least 2 modules; got {len(modules)}.")
+        if len(modules) < 1:
+            raise ValueError("Merging needs at least 1 module; got 0.")
         reference = modules[0]
         device = torch.device(device) if device is not None else _device_of(reference)
         self.template = copy.deepcopy(reference).to(device).requires_grad_(False)
@@ -283,6 +284,18 @@ class SoftMerge(torch.nn.Module):
             else:  # neuron units: one per row of the parameter
                 pieces.append(units.repeat_interleave(shape[1:].numel()))
         return theta, torch.cat(pieces).to(device)
+
+    def set_reference(self, module: torch.nn.Module) -> None:
+        """Take the unmerged parameters and the buffers from ``module``.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            A module of the members' architecture, copied, not modified.
+        """
+        training = self.template.training
+        template = copy.deepcopy(module).to(self.theta.device).requires_grad_(False)
+        self.template = template.train(training)
 
     @property
     def unit_names(self) -> list[str]:
@@ -338,8 +351,15 @@ class SoftMerge(torch.nn.Module):
         return functional_call(self.template, parameters, args, kwargs)
 
     @torch.no_grad()
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict of the merged module under the deterministic gates.
+    def merged_state_dict(
+        self, gates: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """State dict of the merged module.
+
+        Parameters
+        ----------
+        gates : torch.Tensor of shape (n_members, n_units), default=None
+            Gate values; ``None`` uses the deterministic gates.
 
         Returns
         -------
@@ -348,7 +368,7 @@ class SoftMerge(torch.nn.Module):
             a module of the members' architecture.
         """
         state = {k: v.detach().clone() for k, v in self.template.state_dict().items()}
-        state.update(self.merged_parameters(self.gates()))
+        state.update(self.merged_parameters(self.gates() if gates is None else gates))
         return state
 
 

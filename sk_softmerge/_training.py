@@ -80,8 +80,13 @@ def learn_gates(
             loss = loss_fn(output, y[batch]) + l0_weight * merger.penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # A sampled merge that overflows (a malicious member's gate drawn
+            # open) gives no usable gradient; skip its step without a sync.
+            torch.nan_to_num_(merger.log_alpha.grad, nan=0.0, posinf=0.0, neginf=0.0)
             optimizer.step()
-            total += loss.detach() * batch.shape[0]
+            total += (
+                torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0) * batch.shape[0]
+            )
         loss_curve.append(total.item() / n_samples)
         if verbose > 0:
             n_open = int((merger.gates() > 0).sum())

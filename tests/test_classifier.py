@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import forked_members, parameters_of
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
@@ -21,7 +20,9 @@ from skorch import NeuralNet
 
 from sk_softmerge import SoftMergeClassifier
 
-FAST = dict(max_epochs=2, random_state=0)
+from conftest import forked_members, parameters_of
+
+FAST = dict(max_epochs=2, random_state=0, validation_fraction=0)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -85,7 +86,7 @@ class TestFit:
     def test_repeatable_with_random_state(self, members, digits):
         a = SoftMergeClassifier(members, **FAST).fit(*digits)
         b = SoftMergeClassifier(members, **FAST).fit(*digits)
-        c = SoftMergeClassifier(members, max_epochs=2, random_state=1).fit(*digits)
+        c = SoftMergeClassifier(members, **{**FAST, "random_state": 1}).fit(*digits)
         np.testing.assert_array_equal(a.gates_, b.gates_)
         assert a.loss_curve_ == b.loss_curve_
         assert a.loss_curve_ != c.loss_curve_

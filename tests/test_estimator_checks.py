@@ -43,7 +43,6 @@ EXPECTED_FAILED = {
     "check_estimators_dtypes": WIDTH,
     "check_classifier_data_not_an_array": WIDTH,
     "check_classifiers_train": WIDTH,
-    "check_fit2d_1sample": WIDTH,
     "check_fit2d_1feature": WIDTH,
     "check_fit_idempotent": WIDTH,
     "check_fit_check_is_fitted": WIDTH,
