@@ -108,6 +108,12 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
         far from every other member's (see Notes).
     loss_curve_ : list of float
         Mean training objective per epoch.
+    validation_loss_curve_ : list of float
+        Task loss of the merge on the validation data before training and after
+        every epoch; empty when ``validation_fraction=0``.
+    best_epoch_ : int
+        Epoch whose gates were kept: the one with the lowest validation loss
+        (``0``: the initial, uniform merge); the last epoch without validation.
     n_iter_ : int
         Number of epochs run.
 
@@ -256,7 +262,12 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
             int(random_state.randint(np.iinfo(np.int32).max))
         )
         # A single sound member is its own merge: there are no gates to learn.
-        self.loss_curve_ = learn_gates(
+        validation = None
+        if X_val is not None:
+            X_val = torch.as_tensor(X_val, device=device)
+            y_val = torch.as_tensor(y_val, device=device)
+            validation = (X_val, y_val)
+        training = learn_gates(
             merger,
             classification_loss(nets[reference], device),
             X_train,
@@ -266,8 +277,12 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
             lr=self.lr,
             batch_size=self.batch_size,
             generator=generator,
+            validation=validation,
             verbose=self.verbose,
         )
+        self.loss_curve_ = training.loss_curve
+        self.validation_loss_curve_ = training.validation_loss_curve
+        self.best_epoch_ = training.best_epoch
         self.n_iter_ = len(self.loss_curve_)
         self.unit_names_ = merger.unit_names
         self.screened_ = _per_estimator(screened.cpu().numpy(), kept, len(nets))
@@ -324,9 +339,6 @@ def _validation_correct(merger, gates, nets, kept, reference, X_val, y_val):
     and each member.
 
     """
-    device = gates.device
-    X_val = torch.as_tensor(X_val, device=device)
-    y_val = torch.as_tensor(y_val, device=device)
     nonlinearity = nets[reference]._get_predict_nonlinearity()
     candidates = {
         SOFT_MERGE: partial(merger, gates=gates),

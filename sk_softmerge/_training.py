@@ -1,11 +1,33 @@
 """Learning the gates of a :class:`SoftMerge` by minibatch gradient descent."""
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ._merging import SoftMerge
+
+
+@dataclass
+class GateTraining:
+    """What :func:`learn_gates` measured.
+
+    Attributes
+    ----------
+    loss_curve : list of float
+        Mean training objective per epoch.
+    validation_loss_curve : list of float
+        Task loss of the deterministic merge on the validation data, before
+        training (first entry) and after every epoch; empty without validation.
+    best_epoch : int
+        Epoch whose gates were kept (0: the initial gates).
+    """
+
+    loss_curve: list[float] = field(default_factory=list)
+    validation_loss_curve: list[float] = field(default_factory=list)
+    best_epoch: int = 0
 
 
 def learn_gates(
@@ -19,14 +41,20 @@ def learn_gates(
     lr: float = 5e-2,
     batch_size: int = 128,
     generator: torch.Generator | None = None,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     verbose: int = 0,
-) -> list[float]:
+) -> GateTraining:
     """Train the merger's log-alphas; nothing else changes.
 
     Each step draws every gate at once, forms every merged tensor with one
     reduction, runs one forward pass and updates the log-alphas with Adam. The
     objective is the mean task loss plus ``l0_weight`` times the mean expected
     L0 norm of the gates. The loss is read back from the device once per epoch.
+
+    With ``validation`` data, the task loss of the deterministic merge on it is
+    measured before training and after every epoch, and the log-alphas of the
+    best epoch are restored at the end (early stopping without stopping): gates
+    that only fit the training data, which the members have seen, are dropped.
 
     Parameters
     ----------
@@ -46,13 +74,15 @@ def learn_gates(
         Samples per step.
     generator : torch.Generator, default=None
         Source of shuffling and gate noise, on the merger's device.
+    validation : tuple of torch.Tensor, default=None
+        Held-out ``(X, y)`` on the merger's device, to keep the best epoch.
     verbose : int, default=0
         Above zero, a progress bar shows epoch, loss and open gates.
 
     Returns
     -------
-    loss_curve : list of float
-        Mean objective per epoch.
+    result : GateTraining
+        Loss curves and the epoch kept.
 
     Examples
     --------
@@ -61,18 +91,21 @@ def learn_gates(
     >>> from sk_softmerge._training import learn_gates
     >>> merger = SoftMerge([torch.nn.Linear(3, 2) for _ in range(3)])
     >>> X, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
-    >>> curve = learn_gates(merger, torch.nn.functional.cross_entropy, X, y,
-    ...                     max_epochs=2)
-    >>> len(curve)
+    >>> result = learn_gates(merger, torch.nn.functional.cross_entropy, X, y,
+    ...                      max_epochs=2)
+    >>> len(result.loss_curve)
     2
     """
     optimizer = torch.optim.Adam([merger.log_alpha], lr=lr)
     n_samples = X.shape[0]
-    loss_curve = []
+    result = GateTraining()
+    if validation is not None:
+        best_log_alpha = merger.log_alpha.detach().clone()
+        result.validation_loss_curve.append(_task_loss(merger, loss_fn, *validation))
     epochs = tqdm(
         range(max_epochs), desc="learning gates", unit="epoch", disable=verbose <= 0
     )
-    for _ in epochs:
+    for epoch in epochs:
         order = torch.randperm(n_samples, generator=generator, device=X.device)
         total = torch.zeros((), device=X.device)
         for batch in order.split(batch_size):
@@ -87,11 +120,36 @@ def learn_gates(
             total += (
                 torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0) * batch.shape[0]
             )
-        loss_curve.append(total.item() / n_samples)
+        result.loss_curve.append(total.item() / n_samples)
+        postfix = {"loss": f"{result.loss_curve[-1]:.4f}"}
+        if validation is not None:
+            result.validation_loss_curve.append(
+                _task_loss(merger, loss_fn, *validation)
+            )
+            if result.validation_loss_curve[-1] < min(
+                result.validation_loss_curve[:-1]
+            ):
+                best_log_alpha.copy_(merger.log_alpha.detach())
+                result.best_epoch = epoch + 1
+            postfix["val_loss"] = f"{result.validation_loss_curve[-1]:.4f}"
         if verbose > 0:
             n_open = int((merger.gates() > 0).sum())
-            epochs.set_postfix(
-                loss=f"{loss_curve[-1]:.4f}",
-                open_gates=f"{n_open}/{merger.log_alpha.numel()}",
-            )
-    return loss_curve
+            postfix["open_gates"] = f"{n_open}/{merger.log_alpha.numel()}"
+            epochs.set_postfix(postfix)
+    if validation is None:
+        result.best_epoch = len(result.loss_curve)
+    else:
+        with torch.no_grad():
+            merger.log_alpha.copy_(best_log_alpha)
+    return result
+
+
+@torch.no_grad()
+def _task_loss(merger, loss_fn, X, y, batch_size=1024):
+    """Mean task loss of the deterministic merge; inf when it is not finite."""
+    gates = merger.gates()
+    total = torch.zeros((), device=X.device)
+    for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):
+        total += loss_fn(merger(X[batch], gates=gates), y[batch]) * batch.shape[0]
+    loss = total.item() / X.shape[0]
+    return loss if math.isfinite(loss) else math.inf

@@ -55,8 +55,21 @@ class TestValidationFallback:
         expected = {"soft merge", "uniform average"} | {f"member {i}" for i in range(4)}
         assert set(merge.validation_scores_) == expected
         assert all(0 <= s <= 1 for s in merge.validation_scores_.values())
-        best = max(merge.validation_scores_.values())
-        assert merge.validation_scores_[merge.selected_] == best
+        scores = merge.validation_scores_
+        assert scores[merge.selected_] >= scores["soft merge"]
+
+    def test_best_epoch_kept(self, clean, split):
+        X_train, _, y_train, _ = split
+        merge = fit_quietly(SoftMergeClassifier(clean, **FIT), X_train, y_train)
+        curve = merge.validation_loss_curve_
+        assert len(curve) == FIT["max_epochs"] + 1
+        assert curve[merge.best_epoch_] == min(curve)
+        if merge.selected_ == "soft merge" and merge.best_epoch_ > 0:
+            kept = SoftMergeClassifier(
+                clean, **{**FIT, "max_epochs": merge.best_epoch_}
+            )
+            kept = fit_quietly(kept, X_train, y_train)
+            np.testing.assert_array_equal(kept.gates_, merge.gates_)
 
     def test_falls_back_to_best_member_exactly(self, split):
         X_train, X_test, y_train, _ = split
