@@ -535,8 +535,9 @@ def _check_module(
 def _differences(
     found: dict, expected: dict, *, found_in: str, expected_by: str
 ) -> list[str]:
-    missing = [name for name in expected if name not in found]
-    extra = [name for name in found if name not in expected]
+    # Sorted: safetensors does not keep the order in which tensors were saved.
+    missing = sorted(expected.keys() - found.keys())
+    extra = sorted(found.keys() - expected.keys())
     differences = []
     if missing:
         differences.append(

@@ -383,7 +383,7 @@ class TestBadFiles:
     def test_module_with_other_names(self, path):
         assert_refused(
             path,
-            r"missing tensors \['weight', 'bias'\] that the module has; the weights "
+            r"missing tensors \['bias', 'weight'\] that the module has; the weights "
             r"file has extra tensors \['0.bias', '0.weight', '2.bias', '2.weight'\]",
             module=torch.nn.Linear,
             module_kwargs=dict(in_features=64, out_features=10),
