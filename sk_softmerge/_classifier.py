@@ -278,8 +278,8 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         JSON sidecar of the same stem (``.json``) with the classes, number of
         features, unit names, gates, tensor shapes and dtypes, the weights
         file's SHA-256 and the package version. Nothing in either file is
-        executable; :func:`sk_softmerge.load_merged` rebuilds the net. See
-        :func:`sk_softmerge._export.save_merged` for the format.
+        executable; :func:`sk_softmerge.load_merged` checks both files and
+        rebuilds the net.
 
         Parameters
         ----------

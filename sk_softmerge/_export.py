@@ -39,7 +39,11 @@ FORMAT_VERSION = 1
 WEIGHTS_SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".json"
 
-_LOSSES = frozenset(torch.nn.modules.loss.__all__)
+_LOSSES = frozenset(
+    name
+    for name in torch.nn.modules.loss.__all__
+    if isinstance(getattr(torch.nn, name, None), type)
+)
 _NONLINEARITIES = ("auto", None)
 
 
@@ -133,12 +137,10 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     weights = safetensors.torch.save(
         state, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     )
-    from . import __version__
-
     sidecar = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "package_version": __version__,
+        "package_version": _package_version(),
         "weights": {
             "size": len(weights),
             "sha256": hashlib.sha256(weights).hexdigest(),
@@ -242,8 +244,8 @@ def load_merged(
     if isinstance(module, torch.nn.Module):
         raise TypeError(
             "module must be the module class (or a function building the module), "
-            f"not an instance: got a {type(module).__name__} instance, whose "
-            "weights loading would overwrite."
+            f"not an instance: got a {type(module).__name__} instance, and loading "
+            "would overwrite its weights."
         )
     resolved_device = resolve_device(device)
     sidecar = _read_sidecar(sidecar_path)
@@ -271,6 +273,13 @@ def load_merged(
     return net
 
 
+def _package_version() -> str:
+    # Imported late: the package's __init__ imports this module first.
+    from . import __version__
+
+    return __version__
+
+
 def _paths(path) -> tuple[Path, Path]:
     weights_path = Path(path)
     if weights_path.suffix != WEIGHTS_SUFFIX:
@@ -289,7 +298,7 @@ def _describe_net(net) -> dict:
         )
     criterion = getattr(net.criterion_, "_orig_mod", net.criterion_)
     name = type(criterion).__name__
-    if name not in _LOSSES or type(criterion) is not getattr(torch.nn, name):
+    if name not in _LOSSES or type(criterion) is not getattr(torch.nn, name, None):
         raise ValueError(
             "save_merged writes nets whose criterion is a torch.nn loss; the merged "
             f"net's criterion is {type(criterion).__module__}.{name}."
@@ -374,10 +383,9 @@ def _read_sidecar(sidecar_path: Path) -> dict:
         )
     version = sidecar.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
-        from . import __version__
-
         raise ValueError(
-            f"{where} has format version {version!r}; sk_softmerge {__version__} "
+            f"{where} has format version {version!r}; sk_softmerge "
+            f"{_package_version()} "
             f"reads version {FORMAT_VERSION}. Load it with the sk_softmerge "
             f"version that wrote it ({sidecar.get('package_version')!r})."
         )

@@ -159,8 +159,9 @@ class TestRoundTrip:
         net = load_merged(saved, make_module, device="auto", **MODULE_KWARGS)
         expected = "cuda" if torch.cuda.is_available() else "cpu"
         assert next(net.module_.parameters()).device.type == expected
-        np.testing.assert_array_equal(
-            net.predict_proba(digits[0]), fitted.predict_proba(digits[0])
+        # Another device may round differently: close, not identical.
+        np.testing.assert_allclose(
+            net.predict_proba(digits[0]), fitted.predict_proba(digits[0]), rtol=1e-5
         )
 
     def test_accepts_str_paths(self, saved):
