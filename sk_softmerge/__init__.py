@@ -1,8 +1,9 @@
 """Merge trained neural networks into one by learning L0 gates over their weights."""
 
 from ._classifier import SoftMergeClassifier
+from ._export import load_merged
 from ._merging import SoftMerge
 
 __version__ = "0.1.0"
 
-__all__ = ["SoftMerge", "SoftMergeClassifier", "__version__"]
+__all__ = ["SoftMerge", "SoftMergeClassifier", "__version__", "load_merged"]

@@ -333,6 +333,56 @@ def _split(X, y, fraction, random_state):
         # Too few samples of some class to stratify: split without it.
         return train_test_split(X, y, test_size=fraction, random_state=seed)
 
+    def save_merged(self, path):
+        """Write the merged net to ``path`` with safetensors, without pickle.
+
+        Writes the merged weights to ``path`` (ending in ``.safetensors``) and a
+        JSON sidecar of the same stem (``.json``) with the classes, number of
+        features, unit names, gates, tensor shapes and dtypes, the weights
+        file's SHA-256 and the package version. Nothing in either file is
+        executable; :func:`sk_softmerge.load_merged` checks both files and
+        rebuilds the net.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Where to write the weights; must end in ``.safetensors``. Existing
+            files are replaced only once both new files are written.
+
+        Returns
+        -------
+        weights_path, sidecar_path : pathlib.Path
+            The two files written.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np, torch
+        >>> from sklearn.datasets import load_iris
+        >>> from skorch import NeuralNetClassifier
+        >>> from sk_softmerge import SoftMergeClassifier, load_merged
+        >>> X, y = load_iris(return_X_y=True)
+        >>> X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
+        >>> members = [NeuralNetClassifier(
+        ...     torch.nn.Linear, module__in_features=4, module__out_features=3,
+        ...     criterion=torch.nn.CrossEntropyLoss, max_epochs=5, lr=0.1,
+        ...     verbose=0).fit(X, y) for _ in range(2)]
+        >>> merge = SoftMergeClassifier(members, max_epochs=2).fit(X, y)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     weights, sidecar = merge.save_merged(Path(folder) / "m.safetensors")
+        ...     net = load_merged(weights, torch.nn.Linear, in_features=4,
+        ...                       out_features=3)
+        >>> sidecar.name
+        'm.json'
+        >>> np.array_equal(net.predict_proba(X), merge.predict_proba(X))
+        True
+        """
+        # Imported here, not at the top, to keep this method self-contained.
+        from ._export import save_merged
+
+        return save_merged(self, path)
+
 
 def _validation_correct(merger, gates, nets, kept, reference, X_val, y_val):
     """Per-sample validation correctness of the soft merge, the uniform average
