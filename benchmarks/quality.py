@@ -1,0 +1,215 @@
+"""Merge quality against the methods a user would pick instead.
+
+Run from the project root::
+
+    python benchmarks/quality.py              # 3 seeds, all scenarios
+    python benchmarks/quality.py --seeds 0 --scenarios a e
+
+Scenarios (5 members each, forked from one short shared training, each member
+trained further on its own bootstrap sample of the training data):
+
+    a  MNIST-1D MLP
+    b  as (a), one member's weights scaled by 1e3
+    c  as (a), one member holding a NaN
+    d  scikit-learn digits MLP
+    e  MNIST-1D 1-D CNN
+
+Every method sees the same training data. The baselines that choose (best
+member, greedy soup) choose on a stratified 20% of it, the share SoftMerge keeps
+for validation by default; accuracies are on the untouched test set. Results go
+to ``benchmarks/RESULTS.md`` (between the quality markers) and
+``benchmarks/quality.json``.
+"""
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from _members import CNN1d, corrupt, digits, forked_members, mlp, mnist1d
+from sklearn.model_selection import GridSearchCV, train_test_split
+
+from sk_softmerge import SoftMergeClassifier
+from sk_softmerge.baselines import (
+    BestMemberClassifier,
+    GreedySoupClassifier,
+    OutputEnsembleClassifier,
+    UniformSoupClassifier,
+)
+
+HERE = Path(__file__).parent
+SCENARIOS = {
+    "a": "MNIST-1D MLP",
+    "b": "MNIST-1D MLP, one member x1e3",
+    "c": "MNIST-1D MLP, one member NaN",
+    "d": "digits MLP",
+    "e": "MNIST-1D CNN",
+}
+COLUMNS = [
+    "best member",
+    "uniform soup",
+    "greedy soup",
+    "output ensemble",
+    "SoftMerge",
+    "SoftMerge tuned",
+    "SoftMerge neuron",
+]
+MERGES = ["SoftMerge", "SoftMerge tuned", "SoftMerge neuron"]
+L0_GRID = [0.0, 1e-2, 1e-1, 1.0]
+
+
+def members_for(scenario, seed, cache):
+    """Training data, test data and members of a scenario (members cached)."""
+    if scenario in "abce":
+        X_train, X_test, y_train, y_test = mnist1d()
+    else:
+        X_train, X_test, y_train, y_test = digits(seed)
+    kind = {"d": "digits", "e": "cnn"}.get(scenario, "mlp")
+    if (kind, seed) not in cache:
+        module = CNN1d() if kind == "cnn" else mlp(X_train.shape[1], 10)
+        cache[kind, seed] = forked_members(
+            module,
+            X_train,
+            y_train,
+            seed=seed,
+            shared_epochs=10,
+            member_epochs=10 if kind == "cnn" else 20,
+        )
+    members = list(cache[kind, seed])
+    if scenario == "b":
+        members[2] = corrupt(members[2], "scaled")
+    if scenario == "c":
+        members[2] = corrupt(members[2], "nan")
+    return X_train, X_test, y_train, y_test, members
+
+
+def run_scenario(scenario, seed, cache):
+    X_train, X_test, y_train, y_test, members = members_for(scenario, seed, cache)
+    _, X_val, _, y_val = train_test_split(
+        X_train, y_train, test_size=0.2, stratify=y_train, random_state=seed
+    )
+    row = {}
+    for name, Baseline in [
+        ("best member", BestMemberClassifier),
+        ("uniform soup", UniformSoupClassifier),
+        ("greedy soup", GreedySoupClassifier),
+        ("output ensemble", OutputEnsembleClassifier),
+    ]:
+        row[name] = Baseline(members).fit(X_val, y_val).score(X_test, y_test)
+
+    start = time.perf_counter()
+    merge = SoftMergeClassifier(members, random_state=seed).fit(X_train, y_train)
+    row["fit seconds"] = time.perf_counter() - start
+    row["SoftMerge"] = merge.score(X_test, y_test)
+    row["selected"] = merge.selected_
+    row["closed gates of member 2"] = bool((merge.gates_[2] == 0).all())
+
+    neuron = SoftMergeClassifier(members, granularity="neuron", random_state=seed)
+    row["SoftMerge neuron"] = neuron.fit(X_train, y_train).score(X_test, y_test)
+
+    if scenario in "ade":
+        search = GridSearchCV(
+            SoftMergeClassifier(members, random_state=seed),
+            {"l0_weight": L0_GRID},
+            cv=2,
+        ).fit(X_train, y_train)
+        row["SoftMerge tuned"] = search.score(X_test, y_test)
+        row["tuned l0_weight"] = search.best_params_["l0_weight"]
+    return row
+
+
+def summarise(results):
+    """Markdown table: mean and spread over seeds, and the share of gain."""
+    lines = [
+        "| scenario | " + " | ".join(COLUMNS) + " | fit s | gain captured |",
+        "| --- |" + " --- |" * (len(COLUMNS) + 2),
+    ]
+    for scenario, rows in results.items():
+        cells = []
+        means = {}
+        for column in COLUMNS:
+            values = [r[column] for r in rows if column in r]
+            if not values:
+                cells.append("-")
+                continue
+            means[column] = np.mean(values)
+            cells.append(f"{100 * means[column]:.1f} ± {100 * np.std(values):.1f}")
+        seconds = np.mean([r["fit seconds"] for r in rows])
+        gain = means["output ensemble"] - means["best member"]
+        captured = ", ".join(
+            f"{m.removeprefix('SoftMerge').strip() or 'default'} "
+            f"{(means[m] - means['best member']) / gain:+.0%}"
+            for m in MERGES
+            if m in means
+        )
+        lines.append(
+            f"| ({scenario}) {SCENARIOS[scenario]} | "
+            + " | ".join(cells)
+            + f" | {seconds:.1f} | {captured if gain > 0 else 'no gain to capture'} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(table, results, seeds):
+    path = HERE / "RESULTS.md"
+    start, end = "<!-- quality:start -->", "<!-- quality:end -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    before, rest = text.split(start)
+    _, after = rest.split(end)
+    fallbacks = sum(
+        r["selected"] != "soft merge" for rows in results.values() for r in rows
+    )
+    section = f"""{start}
+## Quality
+
+`python benchmarks/quality.py --seeds {" ".join(map(str, seeds))}` (2 CPU cores,
+torch {torch.__version__}). Test accuracy in %, mean ± standard deviation over
+{len(seeds)} seeds; 5 members per scenario. "SoftMerge" is
+`SoftMergeClassifier(members, random_state=seed)` with every other parameter at
+its default; "tuned" picks `l0_weight` in {L0_GRID} by `GridSearchCV(cv=2)`
+(run on the clean scenarios); "neuron" is `granularity="neuron"`. "Gain
+captured" is (merge - best member) / (output ensemble - best member), on the
+means. "fit s" is the default SoftMerge's fit time. In {fallbacks} of
+{sum(len(rows) for rows in results.values())} default fits the validation check
+fell back from the soft merge.
+
+{table}
+
+Per-seed values are in `benchmarks/quality.json`.
+{end}"""
+    path.write_text(before + section + after)
+    (HERE / "quality.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", UserWarning)
+    cache, results = {}, {s: [] for s in args.scenarios}
+    for seed in args.seeds:
+        for scenario in args.scenarios:
+            start = time.perf_counter()
+            row = run_scenario(scenario, seed, cache)
+            results[scenario].append(row)
+            print(
+                f"seed {seed} ({scenario}) {time.perf_counter() - start:.0f} s: "
+                + ", ".join(
+                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in row.items()
+                ),
+                flush=True,
+            )
+    table = summarise(results)
+    print(table)
+    write_results(table, results, args.seeds)
+
+
+if __name__ == "__main__":
+    main()
