@@ -3,7 +3,14 @@
 from ._classifier import SoftMergeClassifier
 from ._export import load_merged
 from ._merging import SoftMerge
+from ._plotting import plot_gates
 
 __version__ = "0.1.0"
 
-__all__ = ["SoftMerge", "SoftMergeClassifier", "__version__", "load_merged"]
+__all__ = [
+    "SoftMerge",
+    "SoftMergeClassifier",
+    "__version__",
+    "load_merged",
+    "plot_gates",
+]

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import forked_members, make_module
 from sklearn.exceptions import NotFittedError
 from skorch import NeuralNetClassifier
 
 import sk_softmerge
 from sk_softmerge import SoftMergeClassifier, load_merged
 from sk_softmerge._export import FORMAT, FORMAT_VERSION
+
+from conftest import forked_members, make_module
 
 FAST = dict(max_epochs=2, random_state=0)
 MODULE_KWARGS = dict(n_features=64, n_classes=10)
