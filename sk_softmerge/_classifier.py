@@ -14,6 +14,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ._base import MemberClassifierMixin
 from ._devices import resolve_device
 from ._evaluation import choose, correct_predictions, member_forward
+from ._export import save_merged
 from ._merging import SoftMerge
 from ._nets import build_merged_net
 from ._screening import extreme_units, nonfinite_members
@@ -350,18 +351,6 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
         self.merged_net_ = build_merged_net(nets[reference], state, self.classes_)
         return self
 
-
-def _split(X, y, fraction, random_state):
-    """Stratified train/validation split; no validation part for ``fraction=0``."""
-    if fraction == 0:
-        return X, None, y, None
-    seed = random_state.randint(np.iinfo(np.int32).max)
-    try:
-        return train_test_split(X, y, test_size=fraction, stratify=y, random_state=seed)
-    except ValueError:
-        # Too few samples of some class to stratify: split without it.
-        return train_test_split(X, y, test_size=fraction, random_state=seed)
-
     def save_merged(self, path):
         """Write the merged net to ``path`` with safetensors, without pickle.
 
@@ -407,10 +396,19 @@ def _split(X, y, fraction, random_state):
         >>> np.array_equal(net.predict_proba(X), merge.predict_proba(X))
         True
         """
-        # Imported here, not at the top, to keep this method self-contained.
-        from ._export import save_merged
-
         return save_merged(self, path)
+
+
+def _split(X, y, fraction, random_state):
+    """Stratified train/validation split; no validation part for ``fraction=0``."""
+    if fraction == 0:
+        return X, None, y, None
+    seed = random_state.randint(np.iinfo(np.int32).max)
+    try:
+        return train_test_split(X, y, test_size=fraction, stratify=y, random_state=seed)
+    except ValueError:
+        # Too few samples of some class to stratify: split without it.
+        return train_test_split(X, y, test_size=fraction, random_state=seed)
 
 
 def _validation_correct(merger, gates, nets, kept, reference, X_val, y_val):
