@@ -17,6 +17,7 @@ of a training step on CPU.
 
 import copy
 import fnmatch
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ BLOCK_SIZES = (64, 32, 16, 8)
 LOOSE_COST = 4
 """Cost of a weight reduced on its own, in blocks; measured on CPU, where a
 scatter-add costs several times a contiguous sum per element."""
+
+LOOSE_OVERHEAD = 1024
+"""Cost, in blocks, of the eight extra operations that any loose weight brings."""
 
 
 @dataclass(frozen=True)
@@ -262,15 +266,21 @@ def plan_blocks(unit_index: torch.Tensor, n_units: int) -> BlockPlan:
     (64, [0, 1], [128, 129])
     """
     n_weights = unit_index.shape[0]
+    boundaries = torch.nonzero(unit_index[1:] != unit_index[:-1]).flatten() + 1
+    # A block length that divides every boundary between units leaves no
+    # weight to reduce on its own.
+    common = math.gcd(n_weights, *boundaries.tolist())
+    sizes = {*BLOCK_SIZES, common} if common >= min(BLOCK_SIZES) else BLOCK_SIZES
     plans = []
-    for size in BLOCK_SIZES:
+    for size in sorted(sizes, reverse=True):
         n_blocks = n_weights // size
         blocks = unit_index[: n_blocks * size].view(n_blocks, size)
         pure = (blocks == blocks[:, :1]).all(1)
         loose = torch.ones(n_weights, dtype=torch.bool, device=unit_index.device)
         loose[: n_blocks * size] = ~pure.repeat_interleave(size)
         (loose_index,) = torch.nonzero(loose, as_tuple=True)
-        cost = n_blocks + LOOSE_COST * loose_index.shape[0]
+        n_loose = loose_index.shape[0]
+        cost = n_blocks + LOOSE_COST * n_loose + LOOSE_OVERHEAD * (n_loose > 0)
         block_unit = torch.where(pure, blocks[:, 0], n_units)
         plan = BlockPlan(size, block_unit, loose_index, unit_index[loose_index])
         plans.append((cost, -size, plan))
@@ -292,8 +302,10 @@ class _BlockedMix(torch.autograd.Function):
         flat = theta.new_empty(n_weights)
         block_weights = padded.index_select(1, block_unit).unsqueeze(-1)
         flat[: n_blocks * size] = (blocks * block_weights).sum(0).view(-1)
-        loose = weights.index_select(1, loose_unit) * theta.index_select(1, loose_index)
-        flat.index_copy_(0, loose_index, loose.sum(0))
+        if loose_index.numel():
+            loose = weights.index_select(1, loose_unit)
+            loose = loose * theta.index_select(1, loose_index)
+            flat.index_copy_(0, loose_index, loose.sum(0))
         ctx.save_for_backward(theta, block_unit, loose_index, loose_unit)
         ctx.size = size
         ctx.n_units = weights.shape[1]
@@ -309,8 +321,9 @@ class _BlockedMix(torch.autograd.Function):
         grad_blocks = grad_flat[: n_blocks * size].view(n_blocks, size)
         grad = theta.new_zeros(n_members, n_units + 1)
         grad.index_add_(1, block_unit, (blocks * grad_blocks).sum(-1))
-        loose = theta.index_select(1, loose_index) * grad_flat[loose_index]
-        grad.index_add_(1, loose_unit, loose)
+        if loose_index.numel():
+            loose = theta.index_select(1, loose_index) * grad_flat[loose_index]
+            grad.index_add_(1, loose_unit, loose)
         return grad[:, :n_units], None, None, None, None, None
 
 

@@ -172,7 +172,8 @@ def naive_merged_parameters(merger, gates, modules):
             if float(z.detach().sum()) > 0:
                 weights = z / z.sum()
             else:
-                best = (log_alpha[:, unit_position] == log_alpha[:, unit_position].max())
+                column = log_alpha[:, unit_position]
+                best = column == column.max()
                 weights = best.float() / best.sum()
             value = sum(
                 w * dict(m.named_parameters())[name].detach()
