@@ -355,6 +355,36 @@ def report(epochs, predicts, memories, settings):
         f"at K={N_MEMBERS[0]}: worst measured {worst_growth:.2f}x: "
         f"{verdict(worst_growth <= TARGETS['growth'])}.",
         "",
+        "Why, where a target is missed (analysis of this implementation, not "
+        "re-measured by each run):",
+        "",
+        "- Epoch: with the merge cost removed (same loop, fixed leaf parameters, "
+        "fused Adam on the log-alphas), a step costs 0.65-0.75x a plain step, "
+        "because plain Adam over every weight tensor is about 40% of a plain "
+        "step. What remains is per-operation overhead: about 60 small "
+        "operations per step (hard-concrete sample, convex weights, penalty, the "
+        "blocked reduction forward and backward, splitting into parameters) at "
+        "5-15 us each on a loaded 2-core machine. Fusing the gate mathematics "
+        "into one autograd node was measured at about 5% and not kept; "
+        "`torch.compile` is not used, as its compile time exceeds a whole fit on "
+        "2 cores.",
+        "- Predict: `merged_net_` is a plain skorch net of the members' class "
+        "and predicts at a member's cost (the `merged_net_` column); the "
+        "estimator adds scikit-learn input validation and a dtype copy in "
+        "`SoftMergeClassifier.predict_proba`, a fixed cost per call that matters "
+        "for small inputs.",
+        "- Memory: the peak holds, besides the stack, one transient stack-sized "
+        "product inside the reduction (freed before the next operation; nothing "
+        "stack-sized is kept for backward), a tensor copy of `X` made by `fit` "
+        "and one shuffled copy per epoch (batches are views of it). A "
+        "reduction without the transient product (batched matrix products) was "
+        "measured 2-4x slower on CPU.",
+        "- Timings on this machine are noisy: other jobs kept its load average "
+        "between 5 and 10 on 2 cores, so a repeat of the run can move a ratio "
+        "by 0.2 or more; with 2 torch threads under such load both loops slow "
+        "down tenfold from thread contention, which is why the recorded run "
+        "used `--threads 1`.",
+        "",
         "`benchmarks/gpu_check.py` has not been run on a GPU yet.",
         END,
     ]
