@@ -268,12 +268,12 @@ def verdict(ok):
     return "met" if ok else "**missed**"
 
 
-def report(epochs, predicts, memories, settings):
+def report(epochs, predicts, memories, settings, command):
     lines = [
         START,
         "## Speed",
         "",
-        f"Command: `python benchmarks/speed.py`. {settings}",
+        f"Command: `{command}`. {settings}",
         "",
         "### Gate-learning epoch (whole `fit` time / epochs, set-up included)",
         "",
@@ -428,7 +428,10 @@ def main():
         f"load average {os.getloadavg()[0]:.1f} at the end; {n_epochs} epochs per "
         f"fit, {repeats} repeats, MNIST-1D (4,000 training samples)."
     )
-    section = report(epochs, predicts, memories, settings)
+    command = "python benchmarks/speed.py" + (
+        f" --threads {args.threads}" if args.threads else ""
+    )
+    section = report(epochs, predicts, memories, settings, command)
     print(section)
     if not args.quick:
         write_section(section)
