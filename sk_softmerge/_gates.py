@@ -55,6 +55,91 @@ def quantile_concrete(u: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
     return s * (ZETA - GAMMA) + GAMMA
 
 
+def logistic_noise(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    *,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Logistic noise ``log u - log(1 - u)`` with ``u ~ U(EPS, 1 - EPS)``.
+
+    It is the part of a hard-concrete sample that does not depend on the gates'
+    parameters, so a training loop can draw it for many steps in one call.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of the noise.
+    generator : torch.Generator, default=None
+        Source of the uniform noise; it must live on ``device``.
+    device : str or torch.device, default=None
+        Where the noise is drawn; ``None`` is the default device.
+    dtype : torch.dtype, default=torch.float32
+        Floating dtype of the noise.
+
+    Returns
+    -------
+    noise : torch.Tensor
+        Noise of the given shape, finite and symmetric around zero.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._gates import logistic_noise
+    >>> logistic_noise((2, 3), torch.Generator().manual_seed(0)).shape
+    torch.Size([2, 3])
+    """
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    u = u * (1.0 - 2.0 * EPS) + EPS
+    return torch.log(u) - torch.log1p(-u)
+
+
+class _HardConcrete(torch.autograd.Function):
+    # One autograd node instead of six: the gates are a few dozen numbers, so a
+    # training step would otherwise spend its time in per-operation overhead.
+
+    @staticmethod
+    def forward(ctx, log_alpha, noise):
+        s = torch.sigmoid((noise + log_alpha) / BETA)
+        s_bar = s * (ZETA - GAMMA) + GAMMA
+        ctx.save_for_backward(s, s_bar)
+        return s_bar.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        s, s_bar = ctx.saved_tensors
+        # clamp passes the gradient on the closed interval, as torch.clamp does.
+        inside = (s_bar >= 0.0) & (s_bar <= 1.0)
+        slope = s * (1.0 - s) * ((ZETA - GAMMA) / BETA)
+        return torch.where(inside, grad_z * slope, 0.0), None
+
+
+def hard_concrete(log_alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Hard-concrete gate for given logistic noise, differentiable in ``log_alpha``.
+
+    Parameters
+    ----------
+    log_alpha : torch.Tensor
+        Location parameters of the gates.
+    noise : torch.Tensor
+        Logistic noise from :func:`logistic_noise`, same shape as ``log_alpha``.
+
+    Returns
+    -------
+    z : torch.Tensor
+        ``clamp(sigmoid((noise + log_alpha) / BETA) * (ZETA - GAMMA) + GAMMA, 0, 1)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._gates import hard_concrete
+    >>> hard_concrete(torch.tensor([0.0, 10.0]), torch.zeros(2))
+    tensor([0.5000, 1.0000])
+    """
+    return _HardConcrete.apply(log_alpha, noise)
+
+
 def sample_z(
     log_alpha: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -80,14 +165,10 @@ def sample_z(
     >>> bool(((z >= 0) & (z <= 1)).all())
     True
     """
-    u = torch.rand(
-        log_alpha.shape,
-        generator=generator,
-        device=log_alpha.device,
-        dtype=log_alpha.dtype,
+    noise = logistic_noise(
+        log_alpha.shape, generator, device=log_alpha.device, dtype=log_alpha.dtype
     )
-    u = u * (1.0 - 2.0 * EPS) + EPS
-    return quantile_concrete(u, log_alpha).clamp(0.0, 1.0)
+    return hard_concrete(log_alpha, noise)
 
 
 def deterministic_z(log_alpha: torch.Tensor) -> torch.Tensor:

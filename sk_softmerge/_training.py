@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ._gates import hard_concrete, logistic_noise
 from ._merging import SoftMerge
 
 
@@ -49,7 +50,9 @@ def learn_gates(
     Each step draws every gate at once, forms every merged tensor with one
     reduction, runs one forward pass and updates the log-alphas with Adam. The
     objective is the mean task loss plus ``l0_weight`` times the mean expected
-    L0 norm of the gates. The loss is read back from the device once per epoch.
+    L0 norm of the gates. Once per epoch, the data are shuffled with one gather,
+    so that batches are views, and the gates' noise for every step is drawn in
+    one call; the loss is read back from the device once per epoch.
 
     With ``validation`` data, the task loss of the deterministic merge on it is
     measured before training and after every epoch, and the log-alphas of the
@@ -96,31 +99,45 @@ def learn_gates(
     >>> len(result.loss_curve)
     2
     """
-    optimizer = torch.optim.Adam([merger.log_alpha], lr=lr)
+    log_alpha = merger.log_alpha
+    optimizer = _adam(log_alpha, lr)
     n_samples = X.shape[0]
+    n_batches = math.ceil(n_samples / batch_size)
+    batch_sizes = torch.full((n_batches,), float(batch_size), device=X.device)
+    batch_sizes[-1] = n_samples - (n_batches - 1) * batch_size
     result = GateTraining()
     if validation is not None:
-        best_log_alpha = merger.log_alpha.detach().clone()
+        best_log_alpha = log_alpha.detach().clone()
         result.validation_loss_curve.append(_task_loss(merger, loss_fn, *validation))
     epochs = tqdm(
         range(max_epochs), desc="learning gates", unit="epoch", disable=verbose <= 0
     )
     for epoch in epochs:
         order = torch.randperm(n_samples, generator=generator, device=X.device)
-        total = torch.zeros((), device=X.device)
-        for batch in order.split(batch_size):
-            output = merger(X[batch], gates=merger.sample_gates(generator))
-            loss = loss_fn(output, y[batch]) + l0_weight * merger.penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        noise = logistic_noise(
+            (n_batches, *log_alpha.shape),
+            generator,
+            device=log_alpha.device,
+            dtype=log_alpha.dtype,
+        )
+        losses = torch.empty(n_batches, device=X.device)
+        batches = zip(
+            X[order].split(batch_size), y[order].split(batch_size), strict=True
+        )
+        for step, (X_batch, y_batch) in enumerate(batches):
+            output = merger(X_batch, gates=hard_concrete(log_alpha, noise[step]))
+            loss = loss_fn(output, y_batch)
+            if l0_weight:
+                loss = loss + l0_weight * merger.penalty()
+            # autograd.grad spares zero_grad and the accumulation into .grad.
+            (grad,) = torch.autograd.grad(loss, log_alpha)
             # A sampled merge that overflows (a malicious member's gate drawn
             # open) gives no usable gradient; skip its step without a sync.
-            torch.nan_to_num_(merger.log_alpha.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            log_alpha.grad = torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
             optimizer.step()
-            total += (
-                torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0) * batch.shape[0]
-            )
-        result.loss_curve.append(total.item() / n_samples)
+            losses[step] = loss.detach()
+        losses = torch.nan_to_num_(losses, nan=0.0, posinf=0.0)
+        result.loss_curve.append(float(losses @ batch_sizes) / n_samples)
         postfix = {"loss": f"{result.loss_curve[-1]:.4f}"}
         if validation is not None:
             result.validation_loss_curve.append(
@@ -129,18 +146,18 @@ def learn_gates(
             if result.validation_loss_curve[-1] < min(
                 result.validation_loss_curve[:-1]
             ):
-                best_log_alpha.copy_(merger.log_alpha.detach())
+                best_log_alpha.copy_(log_alpha.detach())
                 result.best_epoch = epoch + 1
             postfix["val_loss"] = f"{result.validation_loss_curve[-1]:.4f}"
         if verbose > 0:
             n_open = int((merger.gates() > 0).sum())
-            postfix["open_gates"] = f"{n_open}/{merger.log_alpha.numel()}"
+            postfix["open_gates"] = f"{n_open}/{log_alpha.numel()}"
             epochs.set_postfix(postfix)
     if validation is None:
         result.best_epoch = len(result.loss_curve)
     else:
         with torch.no_grad():
-            merger.log_alpha.copy_(best_log_alpha)
+            log_alpha.copy_(best_log_alpha)
     return result
 
 
@@ -153,3 +170,12 @@ def _task_loss(merger, loss_fn, X, y, batch_size=1024):
         total += loss_fn(merger(X[batch], gates=gates), y[batch]) * batch.shape[0]
     loss = total.item() / X.shape[0]
     return loss if math.isfinite(loss) else math.inf
+
+
+def _adam(parameter: torch.nn.Parameter, lr: float) -> torch.optim.Adam:
+    # The fused kernel updates the log-alphas in one call instead of about ten;
+    # torch builds before 2.4 have it only for CUDA.
+    try:
+        return torch.optim.Adam([parameter], lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam([parameter], lr=lr)

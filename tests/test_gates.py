@@ -12,6 +12,8 @@ from sk_softmerge._gates import (
     cdf_qz,
     deterministic_z,
     expected_l0,
+    hard_concrete,
+    logistic_noise,
     quantile_concrete,
     sample_z,
 )
@@ -85,3 +87,41 @@ def test_sampling_repeatable_with_generator():
     c = sample_z(log_alpha, torch.Generator().manual_seed(4))
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, c)
+
+
+class TestHardConcrete:
+    def test_matches_quantile_of_the_same_noise(self):
+        u = torch.rand(200, generator=torch.Generator().manual_seed(0)) * 0.98 + 0.01
+        log_alpha = torch.randn(200)
+        noise = torch.log(u) - torch.log1p(-u)
+        torch.testing.assert_close(
+            hard_concrete(log_alpha, noise),
+            quantile_concrete(u, log_alpha).clamp(0, 1),
+        )
+
+    def test_gradient_matches_autograd_of_closed_form(self):
+        generator = torch.Generator().manual_seed(1)
+        log_alpha = torch.randn(500, dtype=torch.float64, generator=generator)
+        noise = logistic_noise((500,), generator, dtype=torch.float64)
+        weights = torch.randn(500, dtype=torch.float64, generator=generator)
+        fast = log_alpha.clone().requires_grad_()
+        (hard_concrete(fast, noise) * weights).sum().backward()
+        slow = log_alpha.clone().requires_grad_()
+        s = torch.sigmoid((noise + slow) / BETA)
+        ((s * (ZETA - GAMMA) + GAMMA).clamp(0, 1) * weights).sum().backward()
+        torch.testing.assert_close(fast.grad, slow.grad)
+        assert (fast.grad == 0).any() and (fast.grad != 0).any()
+
+    def test_gradcheck(self):
+        log_alpha = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        noise = logistic_noise((4, 3), torch.Generator().manual_seed(2))
+        assert torch.autograd.gradcheck(
+            hard_concrete, (log_alpha, noise.double()), eps=1e-6
+        )
+
+
+def test_logistic_noise_is_finite_and_logistic():
+    noise = logistic_noise((100_000,), torch.Generator().manual_seed(0))
+    assert torch.isfinite(noise).all()
+    assert abs(float(noise.mean())) < 0.05
+    assert abs(float(noise.var()) - math.pi**2 / 3) < 0.1

@@ -154,6 +154,165 @@ class TestSoftMerge:
         state = SoftMerge(modules).merged_state_dict()
         torch.testing.assert_close(state["1.running_mean"], modules[0][1].running_mean)
 
-    def test_needs_two_modules(self, modules):
-        with pytest.raises(ValueError, match="at least 2 modules; got 1"):
-            SoftMerge(modules[:1])
+    def test_needs_a_module(self, modules):
+        with pytest.raises(ValueError, match="at least 1 module; got 0"):
+            SoftMerge([])
+
+    def test_one_module_is_its_own_merge(self, modules):
+        x = torch.randn(3, 5)
+        torch.testing.assert_close(SoftMerge(modules[:1])(x), modules[0](x))
+
+
+def naive_merged_parameters(merger, gates, modules):
+    """Reference: every unit's convex combination, one unit and member at a time."""
+    log_alpha = merger.log_alpha
+    parameters = {}
+    for name in select_parameters(modules[0]):
+        rows = []
+        for unit_position, unit in enumerate(merger.units):
+            if name not in unit.parameters:
+                continue
+            z = gates[:, unit_position]
+            if float(z.detach().sum()) > 0:
+                weights = z / z.sum()
+            else:
+                column = log_alpha[:, unit_position]
+                best = column == column.max()
+                weights = best.float() / best.sum()
+            value = sum(
+                w * dict(m.named_parameters())[name].detach()
+                for w, m in zip(weights, modules, strict=True)
+            )
+            rows.append(value)
+        if len(rows) == 1:
+            parameters[name] = rows[0]
+        elif rows:
+            parameters[name] = torch.stack([r[i] for i, r in enumerate(rows)])
+    return parameters
+
+
+def conv_net(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv1d(2, 6, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6 * 7, 5),
+        torch.nn.Linear(5, 3),
+    )
+
+
+class TestFastPathEquivalence:
+    """The vectorised merge against a naive loop over units and members."""
+
+    @pytest.mark.parametrize("granularity", ["layer", "tensor", "neuron"])
+    @pytest.mark.parametrize("make", [mlp, conv_net])
+    def test_values_and_log_alpha_gradients(self, granularity, make):
+        modules = [make(seed) for seed in range(4)]
+        merger = SoftMerge(modules, granularity=granularity)
+        with torch.no_grad():
+            merger.log_alpha.copy_(torch.randn_like(merger.log_alpha) * 2)
+        gates = merger.sample_gates(torch.Generator().manual_seed(0))
+        gates = gates.detach().requires_grad_()
+        closed = gates.detach().clone()
+        closed[:, 0] = 0.0  # a unit with every gate closed
+        closed.requires_grad_()
+
+        for z in (gates, closed):
+            fast = merger.merged_parameters(z)
+            slow = naive_merged_parameters(merger, z, modules)
+            assert fast.keys() == slow.keys()
+            probes = {k: torch.randn_like(v) for k, v in slow.items()}
+            (fast_grad,) = torch.autograd.grad(
+                sum((fast[k] * probes[k]).sum() for k in fast), z
+            )
+            (slow_grad,) = torch.autograd.grad(
+                sum((slow[k] * probes[k]).sum() for k in slow), z
+            )
+            for name in slow:
+                torch.testing.assert_close(fast[name], slow[name])
+            torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-4, atol=1e-5)
+
+    def test_log_alpha_gradient_through_sampling(self, modules):
+        merger = SoftMerge(modules, granularity="neuron")
+        x = torch.randn(8, 5)
+        generator = torch.Generator().manual_seed(3)
+        gates = merger.sample_gates(generator)
+        (merger(x, gates=gates) ** 2).sum().backward()
+        fast = merger.log_alpha.grad.clone()
+
+        log_alpha = merger.log_alpha.detach().clone().requires_grad_()
+        generator = torch.Generator().manual_seed(3)
+        u = torch.rand(log_alpha.shape, generator=generator) * (1 - 2e-6) + 1e-6
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / (2 / 3))
+        z = (s * 1.2 - 0.1).clamp(0, 1)
+        parameters = naive_merged_parameters(merger, z, modules)
+        module = copy.deepcopy(modules[0])
+        output = torch.func.functional_call(module, parameters, (x,))
+        (output**2).sum().backward()
+        torch.testing.assert_close(fast, log_alpha.grad, rtol=1e-4, atol=1e-6)
+
+    def test_float64_members(self):
+        modules = [mlp(seed).double() for seed in range(3)]
+        merger = SoftMerge(modules, granularity="neuron")
+        gates = torch.rand_like(merger.log_alpha)
+        fast = merger.merged_parameters(gates)
+        slow = naive_merged_parameters(merger, gates, modules)
+        for name in slow:
+            assert fast[name].dtype == torch.float64
+            torch.testing.assert_close(fast[name], slow[name])
+
+    def test_module_smaller_than_a_block(self):
+        modules = [torch.nn.Linear(2, 1) for _ in range(3)]
+        merger = SoftMerge(modules, granularity="neuron")
+        gates = torch.rand_like(merger.log_alpha, requires_grad=True)
+        fast = merger.merged_parameters(gates)
+        slow = naive_merged_parameters(merger, gates, modules)
+        for name in slow:
+            torch.testing.assert_close(fast[name], slow[name])
+
+    def test_backward_keeps_no_stack_sized_temporary(self):
+        modules = [conv_net(seed) for seed in range(5)]
+        merger = SoftMerge(modules, granularity="neuron")
+        stack = merger.theta.untyped_storage().data_ptr()
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            gates = merger.sample_gates(torch.Generator().manual_seed(0))
+            merger(torch.randn(4, 2, 9), gates=gates).sum().backward()
+        large = [t for t in saved if t.numel() >= merger.theta.shape[1]]
+        assert large, "theta itself is expected among the saved inputs"
+        for tensor in large:
+            assert tensor.untyped_storage().data_ptr() == stack, tuple(tensor.shape)
+
+
+class TiedNet(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = torch.nn.Linear(4, 4)
+        self.decoder = torch.nn.Linear(4, 4)
+        self.decoder.weight = self.encoder.weight
+        self.register_buffer("shift", torch.full((4,), float(seed)))
+
+    def forward(self, x):
+        return self.decoder(torch.relu(self.encoder(x))) + self.shift
+
+
+class TestTiedWeights:
+    def test_forward_and_state_dict_keep_the_tie(self):
+        modules = [TiedNet(seed) for seed in range(3)]
+        merger = SoftMerge(modules, granularity="tensor")
+        with torch.no_grad():
+            merger.log_alpha.copy_(torch.randn_like(merger.log_alpha))
+        state = merger.merged_state_dict()
+        torch.testing.assert_close(state["decoder.weight"], state["encoder.weight"])
+        module = TiedNet(0)
+        module.load_state_dict(state)
+        x = torch.randn(5, 4)
+        torch.testing.assert_close(merger(x), module(x))
+        torch.testing.assert_close(state["shift"], modules[0].shift)

@@ -1,0 +1,441 @@
+"""Speed of gate learning and of the merged net, against plain training.
+
+Run from the repository root::
+
+    python benchmarks/speed.py            # about 5 minutes on 2 CPU cores
+    python benchmarks/speed.py --threads 1  # on a busy machine
+    python benchmarks/speed.py --quick    # a smoke run, nothing written
+
+Everything is measured side by side in one process, repeat after repeat, so
+that the ratios hold on a noisy machine: for each repeat, every contender is
+timed once, and a ratio is the median over repeats of the ratio within the
+repeat. The speed section of ``benchmarks/RESULTS.md`` (between the lines
+``<!-- speed:start -->`` and ``<!-- speed:end -->``) is rewritten; the rest of
+the file is left as it is.
+
+Members are copies of one skorch net trained on MNIST-1D, each with its
+weights perturbed: the time of a merge does not depend on how good its members
+are. Peak memory is the peak of live torch CPU allocations during ``fit``,
+read from ``torch.profiler``'s memory events.
+"""
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from skorch import NeuralNetClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sk_softmerge import SoftMergeClassifier  # noqa: E402
+
+DATA = Path(__file__).with_name("mnist1d.npz")
+RESULTS = Path(__file__).with_name("RESULTS.md")
+START, END = "<!-- speed:start -->", "<!-- speed:end -->"
+N_MEMBERS = (2, 5, 10)
+BATCH_SIZE = 64
+TARGETS = {"epoch": 1.2, "predict": 1.05, "growth": 1.3}
+
+
+def load_mnist1d():
+    """MNIST-1D as float32 arrays, generated once and cached next to this file."""
+    if not DATA.exists():
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        d = make_dataset(get_dataset_args())
+        np.savez(DATA, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])
+    d = np.load(DATA)
+    return (
+        d["x"].astype(np.float32),
+        d["y"].astype(np.int64),
+        d["x_test"].astype(np.float32),
+    )
+
+
+class MLP(torch.nn.Sequential):
+    def __init__(self):
+        super().__init__(
+            torch.nn.Linear(40, 100),
+            torch.nn.ReLU(),
+            torch.nn.Linear(100, 100),
+            torch.nn.ReLU(),
+            torch.nn.Linear(100, 10),
+        )
+
+
+class CNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv1d(1, 25, 5, stride=2, padding=2),
+            torch.nn.ReLU(),
+            torch.nn.Conv1d(25, 25, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv1d(25, 25, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+        )
+        self.head = torch.nn.Linear(25 * 5, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x.unsqueeze(1)).flatten(1))
+
+
+def skorch_net(module, max_epochs):
+    return NeuralNetClassifier(
+        module,
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=1e-3,
+        max_epochs=max_epochs,
+        batch_size=BATCH_SIZE,
+        train_split=None,
+        device="cpu",
+        verbose=0,
+    )
+
+
+def make_members(module_class, X, y, n_members, seed=0):
+    torch.manual_seed(seed)
+    first = skorch_net(module_class, 3).fit(X, y)
+    members = [first]
+    for _ in range(n_members - 1):
+        member = copy.deepcopy(first)
+        with torch.no_grad():
+            for p in member.module_.parameters():
+                p.add_(0.05 * p.std() * torch.randn_like(p))
+        members.append(member)
+    return members
+
+
+def plain_epochs(module, X, y, n_epochs):
+    """The floor: a plain PyTorch loop, Adam, same data and batch size."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for _ in range(n_epochs):
+        for batch in torch.randperm(len(X)).split(BATCH_SIZE):
+            loss = loss_fn(module(X[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired(contenders, repeats):
+    """Time every contender once per repeat, interleaved, after one warm-up."""
+    for fn in contenders.values():
+        fn()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn))
+    return times
+
+
+def ratio(times, num, den):
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
+def epoch_times(arch, module_class, data, members, n_epochs, repeats):
+    X, y, _ = data
+    X_t, y_t = torch.from_numpy(X), torch.from_numpy(y)
+    rows = []
+    for n_members in N_MEMBERS:
+
+        def merge(n_members=n_members):
+            SoftMergeClassifier(
+                members[:n_members],
+                max_epochs=n_epochs,
+                batch_size=BATCH_SIZE,
+                device="cpu",
+                random_state=0,
+            ).fit(X, y)
+
+        def plain():
+            plain_epochs(copy.deepcopy(members[0].module_), X_t, y_t, n_epochs)
+
+        def skorch():
+            skorch_net(copy.deepcopy(members[0].module_), n_epochs).fit(X, y)
+
+        times = paired({"merge": merge, "plain": plain, "skorch": skorch}, repeats)
+        rows.append(
+            {
+                "arch": arch,
+                "K": n_members,
+                "merge_ms": 1e3 * statistics.median(times["merge"]) / n_epochs,
+                "plain_ms": 1e3 * statistics.median(times["plain"]) / n_epochs,
+                "skorch_ms": 1e3 * statistics.median(times["skorch"]) / n_epochs,
+                "vs_plain": ratio(times, "merge", "plain"),
+                "vs_skorch": ratio(times, "merge", "skorch"),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def predict_times(arch, data, members, repeats, n_calls=5):
+    X, y, X_test = data
+    merged = SoftMergeClassifier(
+        members[:5], max_epochs=1, batch_size=BATCH_SIZE, device="cpu", random_state=0
+    ).fit(X, y)
+    if type(merged.merged_net_.module_) is not type(members[0].module_):
+        raise AssertionError("the merged net must be a plain net of the members' kind")
+
+    def calls(fn):
+        return lambda: [fn() for _ in range(n_calls)]
+
+    contenders = {
+        "estimator": calls(lambda: merged.predict_proba(X_test)),
+        "merged_net": calls(lambda: merged.merged_net_.predict_proba(X_test)),
+        "member": calls(lambda: members[0].predict_proba(X_test)),
+    }
+    for n_members in N_MEMBERS:
+        contenders[f"ensemble{n_members}"] = calls(
+            lambda n_members=n_members: np.mean(
+                [m.predict_proba(X_test) for m in members[:n_members]], axis=0
+            )
+        )
+    times = paired(contenders, repeats)
+    row = {
+        "arch": arch,
+        "member_ms": 1e3 * statistics.median(times["member"]) / n_calls,
+        "estimator": ratio(times, "estimator", "member"),
+        "merged_net": ratio(times, "merged_net", "member"),
+    }
+    for k in N_MEMBERS:
+        row[f"ensemble{k}"] = ratio(times, f"ensemble{k}", "member")
+    print(row, flush=True)
+    return row
+
+
+def peak_bytes(fn):
+    """Peak of live torch CPU allocations while ``fn`` runs, above the start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = prof.profiler.kineto_results.events()
+    events = [e for e in events if e.name() == "[memory]"]
+    live = np.cumsum([e.nbytes() for e in sorted(events, key=lambda e: e.start_ns())])
+    return int(max(live.max(initial=0), 0))
+
+
+def memory(arch, data, members):
+    X, y, _ = data
+    X_t, y_t = torch.from_numpy(X), torch.from_numpy(y)
+    n_weights = sum(p.numel() for p in members[0].module_.parameters())
+    plain = peak_bytes(
+        lambda: plain_epochs(copy.deepcopy(members[0].module_), X_t, y_t, 1)
+    )
+    rows = []
+    for n_members in N_MEMBERS:
+        peak = peak_bytes(
+            lambda n_members=n_members: SoftMergeClassifier(
+                members[:n_members],
+                max_epochs=1,
+                batch_size=BATCH_SIZE,
+                device="cpu",
+                random_state=0,
+            ).fit(X, y)
+        )
+        rows.append(
+            {
+                "arch": arch,
+                "K": n_members,
+                "peak_kib": peak / 1024,
+                "stack_kib": 4 * n_members * n_weights / 1024,
+                "net_kib": 4 * n_weights / 1024,
+                "plain_peak_kib": plain / 1024,
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def verdict(ok):
+    return "met" if ok else "**missed**"
+
+
+def report(epochs, predicts, memories, settings, command):
+    lines = [
+        START,
+        "## Speed",
+        "",
+        f"Command: `{command}`. {settings}",
+        "",
+        "### Gate-learning epoch (whole `fit` time / epochs, set-up included)",
+        "",
+        "Ratios are medians over repeats of paired ratios; `plain` is one epoch of a "
+        "plain PyTorch loop (Adam, batch 64) over one member, `skorch` one epoch of "
+        "`NeuralNetClassifier.fit` on the same data.",
+        "",
+        "| net | K | merge ms/epoch | plain ms/epoch | skorch ms/epoch "
+        "| merge / plain | merge / skorch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in epochs:
+        lines.append(
+            f"| {r['arch']} | {r['K']} | {r['merge_ms']:.1f} | {r['plain_ms']:.1f} "
+            f"| {r['skorch_ms']:.1f} | {r['vs_plain']:.2f} | {r['vs_skorch']:.2f} |"
+        )
+    lines += ["", "Growth: ratio (merge / plain) at K over the ratio at K=2.", ""]
+    lines += ["| net | " + " | ".join(f"K={k}" for k in N_MEMBERS) + " |"]
+    lines += ["|---|" + "---|" * len(N_MEMBERS)]
+    growth = {}
+    for arch in dict.fromkeys(r["arch"] for r in epochs):
+        rows = {r["K"]: r["vs_plain"] for r in epochs if r["arch"] == arch}
+        growth[arch] = {k: rows[k] / rows[N_MEMBERS[0]] for k in N_MEMBERS}
+        cells = " | ".join(f"{growth[arch][k]:.2f}" for k in N_MEMBERS)
+        lines.append(f"| {arch} | {cells} |")
+    lines += [
+        "",
+        "### Predict time (`predict_proba` on the 1,000 test samples)",
+        "",
+        "Relative to one member's `predict_proba`; `estimator` is "
+        "`SoftMergeClassifier.predict_proba` (input validation included), "
+        "`merged_net_` the fitted skorch net it wraps; the ensembles average the "
+        "members' probabilities.",
+        "",
+        "| net | member ms | estimator | merged_net_ | "
+        + " | ".join(f"ensemble of {k}" for k in N_MEMBERS)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(N_MEMBERS),
+    ]
+    for r in predicts:
+        cells = " | ".join(f"{r[f'ensemble{k}']:.2f}" for k in N_MEMBERS)
+        lines.append(
+            f"| {r['arch']} | {r['member_ms']:.2f} | {r['estimator']:.3f} "
+            f"| {r['merged_net']:.3f} | {cells} |"
+        )
+    lines += [
+        "",
+        "### Peak memory of `fit` (one epoch)",
+        "",
+        "Peak of live torch CPU allocations during `fit`, above what existed before "
+        "(`torch.profiler` memory events); `stack` is one stacked copy of the members' "
+        "parameters (K x weights x 4 bytes), `net` one copy of a member's parameters, "
+        "`plain` the peak of one epoch of the plain loop (its parameters already "
+        "existed).",
+        "",
+        "| net | K | peak KiB | stack KiB | net KiB | plain-loop peak KiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in memories:
+        lines.append(
+            f"| {r['arch']} | {r['K']} | {r['peak_kib']:.0f} | {r['stack_kib']:.0f} "
+            f"| {r['net_kib']:.0f} | {r['plain_peak_kib']:.0f} |"
+        )
+    mlp5 = next(r for r in epochs if r["arch"] == "MLP" and r["K"] == 5)
+    worst_predict = max(r["estimator"] for r in predicts)
+    worst_growth = max(g[N_MEMBERS[-1]] for g in growth.values())
+    lines += [
+        "",
+        "### Against the targets",
+        "",
+        f"- Gate-learning epoch at K=5, MLP, batch 64, within "
+        f"{TARGETS['epoch']}x of the plain epoch: measured "
+        f"{mlp5['vs_plain']:.2f}x ({mlp5['vs_skorch']:.2f}x a skorch epoch): "
+        f"{verdict(mlp5['vs_plain'] <= TARGETS['epoch'])}.",
+        f"- Predict time of the merged net within {TARGETS['predict']}x of one "
+        f"member's: worst measured {worst_predict:.3f}x through the estimator: "
+        f"{verdict(worst_predict <= TARGETS['predict'])}.",
+        f"- Ratio at K={N_MEMBERS[-1]} no more than {TARGETS['growth']}x the ratio "
+        f"at K={N_MEMBERS[0]}: worst measured {worst_growth:.2f}x: "
+        f"{verdict(worst_growth <= TARGETS['growth'])}.",
+        "",
+        "Why, where a target is missed (analysis of this implementation, not "
+        "re-measured by each run):",
+        "",
+        "- Epoch: with the merge cost removed (same loop, fixed leaf parameters, "
+        "fused Adam on the log-alphas), a step costs 0.65-0.75x a plain step, "
+        "because plain Adam over every weight tensor is about 40% of a plain "
+        "step. What remains is per-operation overhead: about 60 small "
+        "operations per step (hard-concrete sample, convex weights, penalty, the "
+        "blocked reduction forward and backward, splitting into parameters) at "
+        "5-15 us each on a loaded 2-core machine. Fusing the gate mathematics "
+        "into one autograd node was measured at about 5% and not kept; "
+        "`torch.compile` is not used, as its compile time exceeds a whole fit on "
+        "2 cores.",
+        "- Predict: `merged_net_` is a plain skorch net of the members' class "
+        "and predicts at a member's cost (the `merged_net_` column); the "
+        "estimator adds scikit-learn input validation and a dtype copy in "
+        "`SoftMergeClassifier.predict_proba`, a fixed cost per call that matters "
+        "for small inputs.",
+        "- Memory: the peak holds, besides the stack, one transient stack-sized "
+        "product inside the reduction (freed before the next operation; nothing "
+        "stack-sized is kept for backward), a tensor copy of `X` made by `fit` "
+        "and one shuffled copy per epoch (batches are views of it). A "
+        "reduction without the transient product (batched matrix products) was "
+        "measured 2-4x slower on CPU.",
+        "- Timings on this machine are noisy: other jobs kept its load average "
+        "between 5 and 10 on 2 cores, so a repeat of the run can move a ratio "
+        "by 0.2 or more; with 2 torch threads under such load both loops slow "
+        "down tenfold from thread contention, which is why the recorded run "
+        "used `--threads 1`.",
+        "",
+        "`benchmarks/gpu_check.py` has not been run on a GPU yet.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(section):
+    text = RESULTS.read_text() if RESULTS.exists() else f"# Results\n\n{START}\n{END}\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run, no write")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_epochs, repeats, predict_repeats = (1, 1, 1) if args.quick else (5, 3, 5)
+
+    data = load_mnist1d()
+    archs = {"MLP": MLP, "CNN": CNN}
+    members = {a: make_members(c, *data[:2], max(N_MEMBERS)) for a, c in archs.items()}
+    epochs, predicts, memories = [], [], []
+    for arch in archs:
+        epochs += epoch_times(arch, archs[arch], data, members[arch], n_epochs, repeats)
+    for arch in archs:
+        predicts.append(predict_times(arch, data, members[arch], predict_repeats))
+    for arch in archs:
+        memories += memory(arch, data, members[arch])
+
+    settings = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), "
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"load average {os.getloadavg()[0]:.1f} at the end; {n_epochs} epochs per "
+        f"fit, {repeats} repeats, MNIST-1D (4,000 training samples)."
+    )
+    command = "python benchmarks/speed.py" + (
+        f" --threads {args.threads}" if args.threads else ""
+    )
+    section = report(epochs, predicts, memories, settings, command)
+    print(section)
+    if not args.quick:
+        write_section(section)
+
+
+if __name__ == "__main__":
+    main()
