@@ -10,6 +10,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._alignment import align_modules
+from ._batchnorm import has_batchnorm, recompute_batchnorm_statistics
 from ._devices import resolve_device
 from ._members import check_members
 from ._merging import SoftMerge
@@ -55,6 +57,13 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         Name patterns (shell-style, as in :mod:`fnmatch`) of the modules or
         parameters to merge, e.g. ``["0", "2.weight"]``; the rest is copied from
         the first member. ``None`` merges everything.
+    align : {None, "weight_matching"}, default=None
+        ``None`` assumes the members share one basin (forked from one training,
+        or fine-tuned from one checkpoint). ``"weight_matching"`` first permutes
+        the hidden units of copies of the members to match the first member
+        (Git Re-Basin weight matching [3]_), as members trained from different
+        random initialisations need; see :func:`~sk_softmerge.align_modules`
+        for the supported layers.
     device : str, default="auto"
         Where the gates are learned: ``"auto"`` (CUDA when available), ``"cpu"``,
         ``"cuda"`` or ``"cuda:N"``.
@@ -95,7 +104,10 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
     ``gamma=-0.1`` and ``zeta=1.1``. The merged value of a unit is
     ``sum_k z_k theta_k / sum_k z_k``; when every gate of a unit is closed, the
     member with the largest log-alpha carries it. The merge follows the soft
-    merging approach of [1]_.
+    merging approach of [1]_. Batch-norm running statistics of ``merged_net_``
+    are recomputed on the training data, since neither one member's nor the
+    average of the members' statistics fit the merged weights; while the gates
+    learn, batch-norm layers use the first member's statistics.
 
     References
     ----------
@@ -104,6 +116,8 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
        Network Performance", arXiv:2309.12259, 2023.
     .. [2] C. Louizos, M. Welling and D. P. Kingma, "Learning Sparse Neural
        Networks through L0 Regularization", ICLR 2018, arXiv:1712.01312.
+    .. [3] S. K. Ainsworth, J. Hayase and S. Srinivasa, "Git Re-Basin: Merging
+       Models modulo Permutation Symmetries", ICLR 2023, arXiv:2209.04836.
 
     Examples
     --------
@@ -135,6 +149,7 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "granularity": [StrOptions({"layer", "tensor", "neuron"})],
         "merge": [None, str, list, tuple],
+        "align": [None, StrOptions({"weight_matching"})],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -150,6 +165,7 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         batch_size=128,
         granularity="layer",
         merge=None,
+        align=None,
         device="auto",
         random_state=None,
         verbose=0,
@@ -161,6 +177,7 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.granularity = granularity
         self.merge = merge
+        self.align = align
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -203,7 +220,7 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         y_index = _class_indices(y, classes)
 
         merger = SoftMerge(
-            [net.module_ for net in nets],
+            _member_modules(nets, X, self.align),
             granularity=self.granularity,
             merge=self.merge,
             init_log_alpha=INIT_LOG_ALPHA,
@@ -233,7 +250,7 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
         self.gates_ = merger.gates().detach().cpu().numpy()
         self.unit_names_ = merger.unit_names
         self.merged_net_ = build_merged_net(
-            nets[0], merger.merged_state_dict(), classes
+            nets[0], _merged_state(merger, X_t), classes
         )
         return self
 
@@ -293,6 +310,22 @@ def _check_forward(merger: SoftMerge, X: torch.Tensor) -> None:
             f"X with sample shape {tuple(X.shape[1:])} cannot be passed through "
             f"the members' module: {exc}"
         ) from exc
+
+
+def _member_modules(nets, X: np.ndarray, align: str | None) -> list:
+    modules = [net.module_ for net in nets]
+    if align is None:
+        return modules
+    example = torch.as_tensor(X[:2], dtype=module_dtype(modules[0]))
+    return align_modules(modules, example)
+
+
+def _merged_state(merger: SoftMerge, X: torch.Tensor) -> dict:
+    state = merger.merged_state_dict()
+    if not has_batchnorm(merger.template):
+        return state
+    merged = recompute_batchnorm_statistics(merger.template, X, state_dict=state)
+    return merged.state_dict()
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
