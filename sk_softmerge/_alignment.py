@@ -634,9 +634,8 @@ def _permute_axis(tensor, axis, block, permutation):
     return tensor.index_select(axis, permutation)
 
 
-def _units(tensor, axis, block, size):
-    """Rows of a (size, -1) matrix, one per unit of the axis."""
-    del block  # the unit-major layout makes a block contiguous after movedim
+def _units(tensor, axis, size):
+    """One row per unit of the axis (a unit's block is contiguous once moved first)."""
     return tensor.movedim(axis, 0).reshape(size, -1)
 
 
@@ -709,8 +708,8 @@ def weight_matching(
                         moved = _permute_axis(
                             moved, other_axis.axis, other_axis.block, permutations[h]
                         )
-                a = _units(reference[axis.tensor], axis.axis, axis.block, group.size)
-                b = _units(moved, axis.axis, axis.block, group.size)
+                a = _units(reference[axis.tensor], axis.axis, group.size)
+                b = _units(moved, axis.axis, group.size)
                 similarity += a.double().to(device) @ b.double().T
             similarity = similarity.cpu().numpy()
             _, best = linear_sum_assignment(similarity, maximize=True)
