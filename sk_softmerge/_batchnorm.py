@@ -27,6 +27,27 @@ def has_batchnorm(module: torch.nn.Module) -> bool:
     return any(_tracks_statistics(layer) for layer in module.modules())
 
 
+def use_batch_statistics(module: torch.nn.Module) -> torch.nn.Module:
+    """Put the batch-norm layers of ``module`` in training mode, in place.
+
+    While gates learn, the merged weights change at every step and no stored
+    statistics fit them; normalising with each batch's own statistics makes the
+    objective that of the merged net whose statistics are recomputed after fit.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._batchnorm import use_batch_statistics
+    >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Dropout()).eval()
+    >>> [layer.training for layer in use_batch_statistics(net)]
+    [True, False]
+    """
+    for layer in module.modules():
+        if _tracks_statistics(layer):
+            layer.train()
+    return module
+
+
 def _tracks_statistics(layer: torch.nn.Module) -> bool:
     return isinstance(layer, _BatchNorm) and layer.track_running_stats
 

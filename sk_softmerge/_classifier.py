@@ -11,7 +11,11 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._alignment import align_modules
-from ._batchnorm import has_batchnorm, recompute_batchnorm_statistics
+from ._batchnorm import (
+    has_batchnorm,
+    recompute_batchnorm_statistics,
+    use_batch_statistics,
+)
 from ._devices import resolve_device
 from ._members import check_members
 from ._merging import SoftMerge
@@ -106,8 +110,9 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
     member with the largest log-alpha carries it. The merge follows the soft
     merging approach of [1]_. Batch-norm running statistics of ``merged_net_``
     are recomputed on the training data, since neither one member's nor the
-    average of the members' statistics fit the merged weights; while the gates
-    learn, batch-norm layers use the first member's statistics.
+    average of the members' statistics fit the merged weights; for the same
+    reason, batch-norm layers normalise with each batch's statistics while the
+    gates learn.
 
     References
     ----------
@@ -226,6 +231,7 @@ class SoftMergeClassifier(ClassifierMixin, BaseEstimator):
             init_log_alpha=INIT_LOG_ALPHA,
             device=device,
         ).eval()
+        use_batch_statistics(merger.template)
         dtype = module_dtype(merger.template)
         X_t = torch.tensor(X, dtype=dtype, device=device)
         y_t = torch.as_tensor(y_index, device=device)
