@@ -1,5 +1,7 @@
 """Merge trained neural networks into one by learning L0 gates over their weights."""
 
+from ._alignment import align_modules
+from ._batchnorm import recompute_batchnorm_statistics
 from ._classifier import SoftMergeClassifier
 from ._export import load_merged
 from ._merging import SoftMerge
@@ -11,6 +13,8 @@ __all__ = [
     "SoftMerge",
     "SoftMergeClassifier",
     "__version__",
+    "align_modules",
     "load_merged",
     "plot_gates",
+    "recompute_batchnorm_statistics",
 ]

@@ -1,5 +1,6 @@
 """scikit-learn glue around the merging core: :class:`SoftMergeClassifier`."""
 
+import copy
 import warnings
 from functools import partial
 from numbers import Integral, Real
@@ -11,7 +12,13 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from ._alignment import align_modules
 from ._base import MemberClassifierMixin
+from ._batchnorm import (
+    has_batchnorm,
+    recompute_batchnorm_statistics,
+    use_batch_statistics,
+)
 from ._devices import resolve_device
 from ._evaluation import choose, correct_predictions, member_forward
 from ._export import save_merged
@@ -68,6 +75,13 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
         significantly more accurate than the merge there (see Notes), ``fit``
         warns and falls back to it; a member is then reproduced exactly. ``0``
         trains on all data and compares nothing.
+    align : {None, "weight_matching"}, default=None
+        ``None`` assumes the members share one basin (forked from one training,
+        or fine-tuned from one checkpoint). ``"weight_matching"`` first permutes
+        the hidden units of copies of the members to match the first member
+        (Git Re-Basin weight matching [3]_), as members trained from different
+        random initialisations need; see :func:`~sk_softmerge.align_modules`
+        for the supported layers.
     device : str, default="auto"
         Where the gates are learned: ``"auto"`` (CUDA when available), ``"cpu"``,
         ``"cuda"`` or ``"cuda:N"``.
@@ -129,7 +143,11 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
     ``gamma=-0.1`` and ``zeta=1.1``. The merged value of a unit is
     ``sum_k z_k theta_k / sum_k z_k``; when every gate of a unit is closed, the
     member with the largest log-alpha carries it. The merge follows the soft
-    merging approach of [1]_.
+    merging approach of [1]_. Batch-norm running statistics of ``merged_net_``
+    are recomputed on the training data, since neither one member's nor the
+    average of the members' statistics fit the merged weights; for the same
+    reason, batch-norm layers normalise with each batch's statistics while the
+    gates learn.
 
     *Training.* Gates start open (log-alpha 3), that is from the uniform average
     of the members. The objective is the members' own loss plus ``l0_weight``
@@ -167,6 +185,8 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
        Network Performance", arXiv:2309.12259, 2023.
     .. [2] C. Louizos, M. Welling and D. P. Kingma, "Learning Sparse Neural
        Networks through L0 Regularization", ICLR 2018, arXiv:1712.01312.
+    .. [3] S. K. Ainsworth, J. Hayase and S. Srinivasa, "Git Re-Basin: Merging
+       Models modulo Permutation Symmetries", ICLR 2023, arXiv:2209.04836.
 
     Examples
     --------
@@ -199,6 +219,7 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
         "granularity": [StrOptions({"layer", "tensor", "neuron"})],
         "merge": [None, str, list, tuple],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "align": [None, StrOptions({"weight_matching"})],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -215,6 +236,7 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
         granularity="layer",
         merge=None,
         validation_fraction=0.2,
+        align=None,
         device="auto",
         random_state=None,
         verbose=0,
@@ -227,6 +249,7 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
         self.granularity = granularity
         self.merge = merge
         self.validation_fraction = validation_fraction
+        self.align = align
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -268,9 +291,10 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
                 stacklevel=3,
             )
         kept = [i for i in range(len(nets)) if i not in self.excluded_estimators_]
+        modules = _member_modules([nets[i] for i in kept], X_train, self.align)
 
         merger = SoftMerge(
-            [nets[i].module_ for i in kept],
+            modules,
             granularity=self.granularity,
             merge=self.merge,
             init_log_alpha=INIT_LOG_ALPHA,
@@ -282,9 +306,10 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
         # Unmerged parameters and buffers come from the first member that looks
         # sound everywhere, so a malicious member never supplies them.
         sound = (~screened.any(dim=1)).nonzero()
-        reference = kept[int(sound[0]) if len(sound) else 0]
-        merger.set_reference(nets[reference].module_)
-        merger.eval()
+        position = int(sound[0]) if len(sound) else 0
+        reference = kept[position]
+        merger.set_reference(modules[position])
+        use_batch_statistics(merger.eval().template)
 
         X_train = torch.as_tensor(X_train, device=device)
         _check_forward(merger, X_train)
@@ -328,11 +353,10 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
                 for name, c in correct.items()
             }
             self.selected_ = choose(correct, SOFT_MERGE)
-        if self.selected_ == SOFT_MERGE:
-            state = merger.merged_state_dict(gates)
-        elif self.selected_ == UNIFORM:
-            gates = torch.ones_like(gates)
-            state = merger.merged_state_dict(gates)
+        if self.selected_ in (SOFT_MERGE, UNIFORM):
+            if self.selected_ == UNIFORM:
+                gates = torch.ones_like(gates)
+            state = _merged_state(merger, gates, X_train)
         else:
             member = int(self.selected_.split()[-1])
             gates = torch.zeros_like(gates)
@@ -421,8 +445,10 @@ def _validation_correct(merger, gates, nets, kept, reference, X_val, y_val):
         SOFT_MERGE: partial(merger, gates=gates),
         UNIFORM: partial(merger, gates=torch.ones_like(gates)),
     }
+    # Members are evaluated as they predict: with their own batch-norm statistics.
+    evaluation = copy.deepcopy(merger.template).eval()
     for i in kept:
-        candidates[f"member {i}"] = member_forward(merger.template, nets[i].module_)
+        candidates[f"member {i}"] = member_forward(evaluation, nets[i].module_)
     return {
         name: correct_predictions(forward, X_val, y_val, nonlinearity)
         for name, forward in candidates.items()
@@ -447,3 +473,20 @@ def _check_forward(merger: SoftMerge, X: torch.Tensor) -> None:
             f"X with sample shape {tuple(X.shape[1:])} cannot be passed through "
             f"the members' module: {exc}"
         ) from exc
+
+
+def _member_modules(nets, X: np.ndarray, align: str | None) -> list:
+    modules = [net.module_ for net in nets]
+    if align is None:
+        return modules
+    example = torch.as_tensor(X[:2])
+    return align_modules(modules, example)
+
+
+def _merged_state(merger: SoftMerge, gates: torch.Tensor, X: torch.Tensor) -> dict:
+    """Merged weights, with batch-norm statistics recomputed on ``X``."""
+    state = merger.merged_state_dict(gates)
+    if not has_batchnorm(merger.template):
+        return state
+    merged = recompute_batchnorm_statistics(merger.template, X, state_dict=state)
+    return merged.state_dict()

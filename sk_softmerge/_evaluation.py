@@ -84,7 +84,11 @@ def member_forward(
     True
     """
     device = next(template.parameters()).device
-    state = {k: v.detach().to(device) for k, v in module.state_dict().items()}
+    # Copies: a template in training mode updates batch-norm buffers in place,
+    # and the member's own must not change.
+    state = {
+        k: v.detach().to(device, copy=True) for k, v in module.state_dict().items()
+    }
     return partial(functional_call, template, state)
 
 

@@ -64,22 +64,28 @@ class _SoupBase(MemberClassifierMixin, BaseEstimator):
             The fitted estimator.
         """
         nets, X, y = self._validate_fit_data(X, y)
-        merger = SoftMerge([net.module_ for net in nets]).eval()
-        X = torch.as_tensor(X, device=merger.theta.device)
-        y = torch.as_tensor(y, device=merger.theta.device)
+        # Members are scored in a copy, in eval mode: running a user's skorch net
+        # would switch its module to eval mode.
+        template = copy.deepcopy(nets[0].module_).eval()
+        device = next(template.parameters()).device
+        X = torch.as_tensor(X, device=device)
+        y = torch.as_tensor(y, device=device)
         nonlinearity = nets[0]._get_predict_nonlinearity()
 
         def score(forward):
             correct = correct_predictions(forward, X, y, nonlinearity)
             return -1.0 if correct is None else float(correct.mean())
 
-        self._build(nets, merger, score)
+        self._build(nets, template, score)
         return self
 
-    def _soup(self, nets, merger, ingredients):
-        gates = torch.zeros_like(merger.log_alpha)
-        gates[ingredients] = 1.0
-        return build_merged_net(nets[0], merger.merged_state_dict(gates), self.classes_)
+    def _soup(self, nets, ingredients):
+        # Stacking only the ingredients: a left-out member holding NaN would
+        # otherwise spoil the average (0 * nan is nan).
+        soup = SoftMerge([nets[i].module_ for i in ingredients])
+        return build_merged_net(
+            nets[ingredients[0]], soup.merged_state_dict(), self.classes_
+        )
 
 
 class BestMemberClassifier(_SoupBase):
@@ -117,9 +123,9 @@ class BestMemberClassifier(_SoupBase):
     1
     """
 
-    def _build(self, nets, merger, score):
+    def _build(self, nets, template, score):
         self.scores_ = np.array(
-            [score(member_forward(merger.template, net.module_)) for net in nets]
+            [score(member_forward(template, net.module_)) for net in nets]
         )
         self.best_index_ = int(np.argmax(self.scores_))
         best = nets[self.best_index_]
@@ -163,8 +169,8 @@ class UniformSoupClassifier(_SoupBase):
     True
     """
 
-    def _build(self, nets, merger, score):
-        self.merged_net_ = self._soup(nets, merger, list(range(len(nets))))
+    def _build(self, nets, template, score):
+        self.merged_net_ = self._soup(nets, list(range(len(nets))))
 
 
 class GreedySoupClassifier(_SoupBase):
@@ -205,15 +211,12 @@ class GreedySoupClassifier(_SoupBase):
     1
     """
 
-    def _build(self, nets, merger, score):
+    def _build(self, nets, template, score):
         def soup_score(ingredients):
-            gates = torch.zeros_like(merger.log_alpha)
-            gates[ingredients] = 1.0
-            return score(lambda x: merger(x, gates=gates))
+            soup = SoftMerge([nets[i].module_ for i in ingredients]).eval()
+            return score(soup)
 
-        member_scores = [
-            score(member_forward(merger.template, net.module_)) for net in nets
-        ]
+        member_scores = [score(member_forward(template, net.module_)) for net in nets]
         order = np.argsort(member_scores, kind="stable")[::-1].tolist()
         self.ingredients_, self.score_ = [order[0]], soup_score([order[0]])
         for candidate in order[1:]:
@@ -221,7 +224,7 @@ class GreedySoupClassifier(_SoupBase):
             if trial >= self.score_:
                 self.ingredients_.append(candidate)
                 self.score_ = trial
-        self.merged_net_ = self._soup(nets, merger, self.ingredients_)
+        self.merged_net_ = self._soup(nets, self.ingredients_)
 
 
 class OutputEnsembleClassifier(_SoupBase):
@@ -258,7 +261,7 @@ class OutputEnsembleClassifier(_SoupBase):
     (2, 2)
     """
 
-    def _build(self, nets, merger, score):
+    def _build(self, nets, template, score):
         self.estimators_ = [copy.deepcopy(net) for net in nets]
 
     def predict_proba(self, X):

@@ -94,3 +94,16 @@ def test_output_ensemble_averages_probabilities(mixed, digits):
     expected = np.mean([m.predict_proba(X) for m in mixed], axis=0)
     np.testing.assert_allclose(model.predict_proba(X), expected, rtol=1e-6)
     assert all(a is not b for a, b in zip(model.estimators_, mixed, strict=True))
+
+
+def test_greedy_soup_leaves_out_a_nan_member(mixed, digits):
+    X, y = digits
+    broken = copy.deepcopy(mixed[0])
+    with torch.no_grad():
+        broken.module_[0].weight[0, 0] = float("nan")
+    model = GreedySoupClassifier([broken, *mixed]).fit(X, y)
+    assert 0 not in model.ingredients_
+    assert np.isfinite(model.predict_proba(X)).all()
+    assert np.isnan(
+        UniformSoupClassifier([broken, *mixed]).fit(X, y).predict_proba(X)
+    ).all()
