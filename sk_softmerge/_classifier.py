@@ -173,10 +173,12 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
     *Validation.* On the held-out part, the merge is compared with the uniform
     average and every member. A candidate replaces the merge only if it is
     significantly more accurate on the same samples: the samples only it gets
-    right must outnumber those only the merge gets right by more than the
-    square root of their sum (a one-sided McNemar test at one sigma), so the
-    noise of a small validation set does not trade the merge for a member that
-    is no better.
+    right must outnumber those only the merge gets right by more than twice
+    the square root of their sum (a one-sided McNemar test at two sigma), so
+    the noise of a small validation set, searched over several candidates, does
+    not trade the merge for a member that is no better. Validation data that
+    the members were trained on favours them (they memorised it): for the
+    fairest check, fit on data some or all members did not see.
 
     References
     ----------

@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+SIGNIFICANCE = 2.0
+"""Standard deviations by which a candidate must beat the merge to replace it."""
+
 
 @torch.no_grad()
 def correct_predictions(
@@ -96,9 +99,10 @@ def choose(correct: dict[str, np.ndarray | None], default: str) -> str:
     """Keep ``default`` unless another candidate is significantly more accurate.
 
     On the same samples, a candidate beats ``default`` when the samples only it
-    gets right outnumber those only ``default`` gets right by more than one
-    standard deviation of that difference (a one-sided McNemar test at one
-    sigma), so that the noise of a small validation set does not trade a merge
+    gets right outnumber those only ``default`` gets right by more than
+    ``SIGNIFICANCE`` standard deviations of that difference under equal
+    accuracy (a one-sided McNemar test), so that the noise of a small
+    validation set, searched over several candidates, does not trade a merge
     for a member that is no better. A ``default`` that does not predict loses to
     the most accurate candidate that does.
 
@@ -121,7 +125,7 @@ def choose(correct: dict[str, np.ndarray | None], default: str) -> str:
     >>> from sk_softmerge._evaluation import choose
     >>> merge = np.arange(100) < 80                     # 80% right
     >>> slightly = (np.arange(100) >= 10) & (np.arange(100) < 92)  # 82%, mostly
-    >>> clearly = np.arange(100) < 95                   # 95%, a superset
+    >>> clearly = np.arange(100) < 95                   # 95%, 15 more right
     >>> choose({"merge": merge, "a": slightly}, "merge")
     'merge'
     >>> choose({"merge": merge, "a": slightly, "b": clearly}, "merge")
@@ -138,6 +142,6 @@ def choose(correct: dict[str, np.ndarray | None], default: str) -> str:
         wins = int(np.sum(other & ~base))
         losses = int(np.sum(base & ~other))
         margin = wins - losses
-        if margin > math.sqrt(wins + losses) and margin > widest:
+        if margin > SIGNIFICANCE * math.sqrt(wins + losses) and margin > widest:
             chosen, widest = name, margin
     return chosen
