@@ -50,7 +50,7 @@ class MemberClassifierMixin(ClassifierMixin):
     def _validate_predict_data(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
-        return X.astype(self._input_dtype)
+        return X.astype(self._input_dtype, copy=False)
 
     def predict_proba(self, X):
         """Class probabilities, from one forward pass of ``merged_net_``.
