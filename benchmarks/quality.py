@@ -254,3 +254,7 @@ def main():
     table = summarise(results)
     print(table)
     write_results(table, results, args.seeds)
+
+
+if __name__ == "__main__":
+    main()
