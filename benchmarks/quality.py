@@ -5,6 +5,8 @@ Run from the project root::
     python benchmarks/quality.py              # 3 seeds, all scenarios below
     python benchmarks/quality.py --seeds 0 --scenarios a e
     python benchmarks/quality.py --independent  # members from independent inits
+    python benchmarks/quality.py --seeds 1 --json s1.json   # seeds in parallel,
+    python benchmarks/quality.py --summarise s0.json s1.json  # then one table
 
 Scenarios (5 members each, forked from one short shared training, each member
 trained further on its own bootstrap sample of the training data):
@@ -232,10 +234,30 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     parser.add_argument("--independent", action="store_true")
+    parser.add_argument(
+        "--json", help="only write this run's per-seed rows to this JSON file"
+    )
+    parser.add_argument(
+        "--summarise",
+        nargs="+",
+        metavar="JSON",
+        help="write RESULTS.md from the rows of earlier --json runs (seeds in parallel)",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
     if args.independent:
         write_independent(args.seeds)
+        return
+    if args.summarise:
+        results, seeds = {}, []
+        for path in args.summarise:
+            part = json.loads(Path(path).read_text())
+            seeds += part["seeds"]
+            for scenario, rows in part["results"].items():
+                results.setdefault(scenario, []).extend(rows)
+        table = summarise(results)
+        print(table)
+        write_results(table, results, sorted(seeds))
         return
     cache, results = {}, {s: [] for s in args.scenarios}
     for seed in args.seeds:
@@ -251,6 +273,11 @@ def main():
                 ),
                 flush=True,
             )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"seeds": args.seeds, "results": results})
+        )
+        return
     table = summarise(results)
     print(table)
     write_results(table, results, args.seeds)
