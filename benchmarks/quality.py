@@ -241,7 +241,7 @@ def main():
         "--summarise",
         nargs="+",
         metavar="JSON",
-        help="write RESULTS.md from the rows of earlier --json runs (seeds in parallel)",
+        help="write RESULTS.md from the rows of earlier --json runs",
     )
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
