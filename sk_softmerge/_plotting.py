@@ -58,7 +58,10 @@ def plot_gates(estimator, ax=None):
         _, ax = plt.subplots(figsize=(width, 1 + 0.5 * n_members))
     image = ax.imshow(gates, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.figure.colorbar(image, ax=ax, label="gate")
-    ax.set_xticks(range(n_units), estimator.unit_names_, rotation=90 * (n_units > 8))
+    crowded = sum(len(name) for name in estimator.unit_names_) > 6 * n_units
+    ax.set_xticks(
+        range(n_units), estimator.unit_names_, rotation=90 * (n_units > 8 or crowded)
+    )
     ax.set_yticks(range(n_members), [f"member {k}" for k in range(n_members)])
     ax.set_xlabel("merge unit")
     if n_units * n_members <= 200:
