@@ -26,13 +26,14 @@ from ._merging import SoftMerge
 from ._nets import build_merged_net
 from ._screening import extreme_units, nonfinite_members
 from ._tasks import classification_loss
-from ._training import learn_gates
+from ._training import learn_gates, warm_start
 
 INIT_LOG_ALPHA = 3.0
 """Gates start open (deterministic gate 1), so training starts from the average;
 gates that screening finds suspicious start at minus this value, closed."""
 
 SOFT_MERGE, UNIFORM = "soft merge", "uniform average"
+AVERAGE = "average"
 
 
 class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
@@ -126,9 +127,12 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
     validation_loss_curve_ : list of float
         Task loss of the merge on the validation data before training and after
         every epoch; empty when ``validation_fraction=0``.
+    start_ : str
+        Where gate learning started: ``"average"`` (the average of the members
+        whose gates start open) or ``"member i"`` alone (see Notes).
     best_epoch_ : int
         Epoch whose gates were kept: the one with the lowest validation loss
-        (``0``: the initial, uniform merge); the last epoch without validation.
+        (``0``: the start); the last epoch without validation.
     n_iter_ : int
         Number of epochs run.
 
@@ -150,7 +154,12 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
     gates learn.
 
     *Training.* Gates start open (log-alpha 3), that is from the uniform average
-    of the members. The objective is the members' own loss plus ``l0_weight``
+    of the members, unless one member alone has a lower loss on the validation
+    data (on the training data when ``validation_fraction=0``): then that
+    member's gates start open and every other gate closed (log-alpha -3). The
+    average is the better start for members that share a basin; one member is
+    the better start for independently trained ones, whose average, even
+    aligned, is far worse than each of them. The objective is the members' own loss plus ``l0_weight``
     times the mean expected L0 norm of all gates; dividing by the number of
     gates keeps one scale of ``l0_weight`` for every architecture and number of
     members. With validation data, the gates of the epoch with the lowest
@@ -324,11 +333,24 @@ class SoftMergeClassifier(MemberClassifierMixin, BaseEstimator):
             X_val = torch.as_tensor(X_val, device=device)
             y_val = torch.as_tensor(y_val, device=device)
             validation = (X_val, y_val)
+        y_train = torch.as_tensor(y_train, device=device)
+        loss = classification_loss(nets[reference], device)
+        start = None
+        if len(kept) > 1:
+            unscreened = sound.flatten().tolist()
+            start = warm_start(
+                merger,
+                loss,
+                *(validation or (X_train, y_train)),
+                members=unscreened,
+                log_alpha=INIT_LOG_ALPHA,
+            )
+        self.start_ = AVERAGE if start is None else f"member {kept[start]}"
         training = learn_gates(
             merger,
-            classification_loss(nets[reference], device),
+            loss,
             X_train,
-            torch.as_tensor(y_train, device=device),
+            y_train,
             l0_weight=self.l0_weight,
             max_epochs=self.max_epochs if len(kept) > 1 else 0,
             lr=self.lr,

@@ -95,24 +95,60 @@ def logistic_noise(
     return torch.log(u) - torch.log1p(-u)
 
 
+def hard_concrete_with_slope(
+    log_alpha: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard-concrete gates and their derivative in ``log_alpha``, without autograd.
+
+    Autograd functions that fuse the gates into a larger computation call this
+    and multiply incoming gradients by the slope.
+
+    Parameters
+    ----------
+    log_alpha : torch.Tensor
+        Location parameters of the gates.
+    noise : torch.Tensor
+        Logistic noise from :func:`logistic_noise`, same shape as ``log_alpha``.
+
+    Returns
+    -------
+    z : torch.Tensor
+        The gates, as :func:`hard_concrete` gives them.
+    slope : torch.Tensor
+        ``dz / dlog_alpha``; zero where the clamp is active, as ``torch.clamp``
+        passes the gradient on the closed interval only.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._gates import hard_concrete_with_slope
+    >>> z, slope = hard_concrete_with_slope(torch.tensor([0.0, 10.0]), torch.zeros(2))
+    >>> z, slope
+    (tensor([0.5000, 1.0000]), tensor([0.4500, 0.0000]))
+    """
+    # Few operations, in place where possible: on gates, per-operation
+    # overhead, not arithmetic, is the cost.
+    s = torch.add(noise, log_alpha).div_(BETA).sigmoid_()
+    s_bar = s.mul(ZETA - GAMMA).add_(GAMMA)
+    z = s_bar.clamp(0.0, 1.0)
+    slope = torch.addcmul(s, s, s, value=-1.0).mul_((ZETA - GAMMA) / BETA)
+    return z, slope.mul_(z == s_bar)
+
+
 class _HardConcrete(torch.autograd.Function):
     # One autograd node instead of six: the gates are a few dozen numbers, so a
     # training step would otherwise spend its time in per-operation overhead.
 
     @staticmethod
     def forward(ctx, log_alpha, noise):
-        s = torch.sigmoid((noise + log_alpha) / BETA)
-        s_bar = s * (ZETA - GAMMA) + GAMMA
-        ctx.save_for_backward(s, s_bar)
-        return s_bar.clamp(0.0, 1.0)
+        z, slope = hard_concrete_with_slope(log_alpha, noise)
+        ctx.save_for_backward(slope)
+        return z
 
     @staticmethod
     def backward(ctx, grad_z):
-        s, s_bar = ctx.saved_tensors
-        # clamp passes the gradient on the closed interval, as torch.clamp does.
-        inside = (s_bar >= 0.0) & (s_bar <= 1.0)
-        slope = s * (1.0 - s) * ((ZETA - GAMMA) / BETA)
-        return torch.where(inside, grad_z * slope, 0.0), None
+        (slope,) = ctx.saved_tensors
+        return grad_z * slope, None
 
 
 def hard_concrete(log_alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,16 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from ._gates import deterministic_z, expected_l0, sample_z
+from ._gates import deterministic_z, expected_l0, hard_concrete_with_slope, sample_z
 
 GRANULARITIES = ("layer", "tensor", "neuron")
 
 BLOCK_SIZES = (64, 32, 16, 8)
 """Block lengths the reduction chooses from, for each merger."""
+
+ALIGNMENT = 64
+"""Every parameter starts at a multiple of this many weights in the flat stack,
+so that blocks of any of ``BLOCK_SIZES`` never straddle two parameters."""
 
 LOOSE_COST = 4
 """Cost of a weight reduced on its own, in blocks; measured on CPU, where a
@@ -169,24 +173,32 @@ def find_units(
     return units
 
 
+def _convex(z, log_alpha):
+    """Mixing weights, and what their backward pass needs."""
+    best = log_alpha == log_alpha.amax(0, keepdim=True)
+    is_open = z.sum(0, keepdim=True) > 0
+    carried = torch.where(is_open, z, best.to(z.dtype))
+    total = carried.sum(0, keepdim=True)
+    return carried / total, total, is_open
+
+
+def _convex_grad(grad_weights, weights, total, is_open):
+    grad_carried = grad_weights - (grad_weights * weights).sum(0, keepdim=True)
+    return torch.where(is_open, grad_carried / total, 0.0)
+
+
 class _ConvexWeights(torch.autograd.Function):
     # One autograd node instead of four for a few dozen numbers per step.
 
     @staticmethod
     def forward(ctx, z, log_alpha):
-        best = (log_alpha == log_alpha.amax(0, keepdim=True)).to(z.dtype)
-        is_open = z.sum(0, keepdim=True) > 0
-        carried = torch.where(is_open, z, best)
-        total = carried.sum(0, keepdim=True)
-        weights = carried / total
+        weights, total, is_open = _convex(z, log_alpha)
         ctx.save_for_backward(weights, total, is_open)
         return weights
 
     @staticmethod
     def backward(ctx, grad_weights):
-        weights, total, is_open = ctx.saved_tensors
-        grad_carried = grad_weights - (grad_weights * weights).sum(0, keepdim=True)
-        return torch.where(is_open, grad_carried / total, 0.0), None
+        return _convex_grad(grad_weights, *ctx.saved_tensors), None
 
 
 def mixing_weights(z: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
@@ -287,44 +299,100 @@ def plan_blocks(unit_index: torch.Tensor, n_units: int) -> BlockPlan:
     return min(plans, key=lambda entry: entry[:2])[2]
 
 
-class _BlockedMix(torch.autograd.Function):
-    # A hand-written backward: autograd of a gather would scatter-add every
-    # weight, and would keep the (n_members, n_weights) gathered weights alive.
-    # Only inputs are saved here, so the step holds no stack-sized temporary.
+def _mix(weights: torch.Tensor, theta: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """Flat merged weights: each weight's convex combination over members."""
+    n_members, n_weights = theta.shape
+    size = plan.size
+    n_blocks = plan.block_unit.shape[0]
+    blocks = theta[:, : n_blocks * size].view(n_members, n_blocks, size)
+    # Straddling blocks read a zero column and are overwritten below.
+    padded = torch.nn.functional.pad(weights, (0, 1))
+    flat = theta.new_empty(n_weights)
+    block_weights = padded.index_select(1, plan.block_unit).unsqueeze(-1)
+    torch.sum(blocks * block_weights, 0, out=flat[: n_blocks * size].view(-1, size))
+    if plan.loose_index.numel():
+        loose = weights.index_select(1, plan.loose_unit)
+        loose = loose * theta.index_select(1, plan.loose_index)
+        flat.index_copy_(0, plan.loose_index, loose.sum(0))
+    return flat
+
+
+def _mix_grad(
+    grad_flat: torch.Tensor, theta: torch.Tensor, plan: BlockPlan, n_units: int
+) -> torch.Tensor:
+    """Gradient of :func:`_mix` in the weights: one dot product per block."""
+    n_members = theta.shape[0]
+    size = plan.size
+    n_blocks = plan.block_unit.shape[0]
+    blocks = theta[:, : n_blocks * size].view(n_members, n_blocks, size)
+    grad_blocks = grad_flat[: n_blocks * size].view(n_blocks, size)
+    grad = theta.new_zeros(n_members, n_units + 1)
+    grad.index_add_(1, plan.block_unit, (blocks * grad_blocks).sum(-1))
+    if plan.loose_index.numel():
+        loose = theta.index_select(1, plan.loose_index) * grad_flat[plan.loose_index]
+        grad.index_add_(1, plan.loose_unit, loose)
+    return grad[:, :n_units]
+
+
+def _unflatten(flat: torch.Tensor, layout) -> tuple[torch.Tensor, ...]:
+    """The parameters held in a flat, padded buffer, as views of it."""
+    split_sizes, shapes = layout
+    parts = flat.split(split_sizes)[::2]
+    return tuple(part.view(shape) for part, shape in zip(parts, shapes, strict=True))
+
+
+def _flatten(grads, layout, like: torch.Tensor) -> torch.Tensor:
+    """The flat, padded buffer of per-parameter gradients; zeros in the padding."""
+    split_sizes, _ = layout
+    padding = like.new_zeros(max(split_sizes[1::2], default=0))
+    pieces = []
+    for grad, gap in zip(grads, split_sizes[1::2], strict=True):
+        pieces += [grad.reshape(-1), padding[:gap]]
+    return torch.cat(pieces)
+
+
+class _Merge(torch.autograd.Function):
+    # Gates in, merged parameters out, in one autograd node with a hand-written
+    # backward: autograd of a gather would scatter-add every weight, and would
+    # keep the (n_members, n_weights) gathered weights alive. Only small tensors
+    # and the stack are saved, so a step holds no stack-sized temporary.
 
     @staticmethod
-    def forward(ctx, weights, theta, block_unit, loose_index, loose_unit, size):
-        n_members, n_weights = theta.shape
-        n_blocks = block_unit.shape[0]
-        blocks = theta[:, : n_blocks * size].view(n_members, n_blocks, size)
-        # Straddling blocks read a zero column and are overwritten below.
-        padded = torch.nn.functional.pad(weights, (0, 1))
-        flat = theta.new_empty(n_weights)
-        block_weights = padded.index_select(1, block_unit).unsqueeze(-1)
-        flat[: n_blocks * size] = (blocks * block_weights).sum(0).view(-1)
-        if loose_index.numel():
-            loose = weights.index_select(1, loose_unit)
-            loose = loose * theta.index_select(1, loose_index)
-            flat.index_copy_(0, loose_index, loose.sum(0))
-        ctx.save_for_backward(theta, block_unit, loose_index, loose_unit)
-        ctx.size = size
-        ctx.n_units = weights.shape[1]
-        return flat
+    def forward(ctx, z, log_alpha, theta, plan, layout):
+        weights, total, is_open = _convex(z, log_alpha)
+        ctx.save_for_backward(theta, weights, total, is_open)
+        ctx.plan, ctx.layout = plan, layout
+        return _unflatten(_mix(weights.to(theta.dtype), theta, plan), layout)
 
     @staticmethod
-    def backward(ctx, grad_flat):
-        theta, block_unit, loose_index, loose_unit = ctx.saved_tensors
-        size, n_units = ctx.size, ctx.n_units
-        n_members = theta.shape[0]
-        n_blocks = block_unit.shape[0]
-        blocks = theta[:, : n_blocks * size].view(n_members, n_blocks, size)
-        grad_blocks = grad_flat[: n_blocks * size].view(n_blocks, size)
-        grad = theta.new_zeros(n_members, n_units + 1)
-        grad.index_add_(1, block_unit, (blocks * grad_blocks).sum(-1))
-        if loose_index.numel():
-            loose = theta.index_select(1, loose_index) * grad_flat[loose_index]
-            grad.index_add_(1, loose_unit, loose)
-        return grad[:, :n_units], None, None, None, None, None
+    def backward(ctx, *grads):
+        theta, weights, total, is_open = ctx.saved_tensors
+        grad_flat = _flatten(grads, ctx.layout, theta)
+        grad = _mix_grad(grad_flat, theta, ctx.plan, weights.shape[1])
+        grad_z = _convex_grad(grad.to(weights.dtype), weights, total, is_open)
+        return grad_z, None, None, None, None
+
+
+class _SampledMerge(torch.autograd.Function):
+    # As _Merge, with the hard-concrete sample inside the node: a training
+    # step's whole path from log-alphas to merged parameters is one node, since
+    # per-operation overhead, not arithmetic, dominates a step on small nets.
+
+    @staticmethod
+    def forward(ctx, log_alpha, noise, theta, plan, layout):
+        z, slope = hard_concrete_with_slope(log_alpha, noise)
+        weights, total, is_open = _convex(z, log_alpha)
+        ctx.save_for_backward(theta, weights, total, is_open, slope)
+        ctx.plan, ctx.layout = plan, layout
+        return _unflatten(_mix(weights.to(theta.dtype), theta, plan), layout)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        theta, weights, total, is_open, slope = ctx.saved_tensors
+        grad_flat = _flatten(grads, ctx.layout, theta)
+        grad = _mix_grad(grad_flat, theta, ctx.plan, weights.shape[1])
+        grad_z = _convex_grad(grad.to(weights.dtype), weights, total, is_open)
+        return grad_z * slope, None, None, None, None
 
 
 class SoftMerge(torch.nn.Module):
@@ -394,7 +462,14 @@ class SoftMerge(torch.nn.Module):
         self.units = find_units(self.template, names, granularity)
         self._names = names
         self._shapes = [self.template.get_parameter(n).shape for n in names]
-
+        numels = [shape.numel() for shape in self._shapes]
+        padded = [-(-n // ALIGNMENT) * ALIGNMENT for n in numels]
+        # Parameters, each followed by the zero padding up to the next aligned
+        # offset: splitting the flat buffer by these sizes gives them back.
+        self._split_sizes = [
+            size for n, p in zip(numels, padded, strict=True) for size in (n, p - n)
+        ]
+        self._layout = (self._split_sizes, self._shapes)
         self._aliases = _tied_aliases(self.template, names)
 
         theta, unit_index = self._stack(modules, device)
@@ -415,11 +490,12 @@ class SoftMerge(torch.nn.Module):
         )
 
     def _stack(self, modules, device):
-        sizes = [shape.numel() for shape in self._shapes]
         dtype = self.template.get_parameter(self._names[0]).dtype
-        theta = torch.empty(len(modules), sum(sizes), device=device, dtype=dtype)
+        n_weights = sum(self._split_sizes)
+        theta = torch.zeros(len(modules), n_weights, device=device, dtype=dtype)
         for k, member in enumerate(modules):
-            for name, part in zip(self._names, theta[k].split(sizes), strict=True):
+            parts = theta[k].split(self._split_sizes)[::2]
+            for name, part in zip(self._names, parts, strict=True):
                 part.copy_(member.get_parameter(name).detach().reshape(-1))
 
         unit_of = {}
@@ -427,12 +503,17 @@ class SoftMerge(torch.nn.Module):
             for name in unit.parameters:
                 unit_of.setdefault(name, []).append(u)
         pieces = []
-        for name, shape in zip(self._names, self._shapes, strict=True):
+        for name, shape, padding in zip(
+            self._names, self._shapes, self._split_sizes[1::2], strict=True
+        ):
             units = torch.tensor(unit_of[name], dtype=torch.long)
             if len(units) == 1:
                 pieces.append(units.expand(shape.numel()))
             else:  # neuron units: one per row of the parameter
                 pieces.append(units.repeat_interleave(shape[1:].numel()))
+            # Padding belongs to the last unit before it: it keeps blocks whole,
+            # and its zeros add nothing to any sum.
+            pieces.append(units[-1:].expand(padding))
         return theta, torch.cat(pieces).to(device)
 
     def set_reference(self, module: torch.nn.Module) -> None:
@@ -464,35 +545,51 @@ class SoftMerge(torch.nn.Module):
         """Mean expected L0 norm over all gates, in ``[0, 1]``."""
         return expected_l0(self.log_alpha).mean()
 
-    def merged_parameters(self, gates: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Merged values of the merged parameters for the given gates.
+    def merged_parameters(
+        self, gates: torch.Tensor | None = None, *, noise: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Merged values of the merged parameters.
 
         Parameters
         ----------
-        gates : torch.Tensor of shape (n_members, n_units)
-            Gate values in ``[0, 1]``.
+        gates : torch.Tensor of shape (n_members, n_units), default=None
+            Gate values in ``[0, 1]``; ``None`` uses the deterministic gates,
+            unless ``noise`` is given.
+        noise : torch.Tensor of shape (n_members, n_units), default=None
+            Logistic noise (:func:`~sk_softmerge._gates.logistic_noise`): the
+            gates are then the hard-concrete sample it gives, computed in the
+            same autograd node as the merge. Not with ``gates``.
 
         Returns
         -------
         parameters : dict of str to torch.Tensor
-            One tensor per merged parameter, differentiable in ``gates``.
+            One tensor per merged parameter, differentiable in ``gates``, or in
+            ``log_alpha`` when the gates are sampled or deterministic.
         """
-        weights = mixing_weights(gates, self.log_alpha).to(self.theta.dtype)
-        flat = _BlockedMix.apply(
-            weights,
-            self.theta,
-            self._block_unit,
-            self._loose_index,
-            self._loose_unit,
-            self._block_size,
+        plan = BlockPlan(
+            self._block_size, self._block_unit, self._loose_index, self._loose_unit
         )
-        parts = flat.split([shape.numel() for shape in self._shapes])
-        return {
-            name: part.view(shape)
-            for name, part, shape in zip(self._names, parts, self._shapes, strict=True)
-        }
+        if noise is not None:
+            if gates is not None:
+                raise ValueError("Pass gates or noise, not both.")
+            parameters = _SampledMerge.apply(
+                self.log_alpha, noise, self.theta, plan, self._layout
+            )
+        else:
+            if gates is None:
+                gates = self.gates()
+            parameters = _Merge.apply(
+                gates, self.log_alpha, self.theta, plan, self._layout
+            )
+        return dict(zip(self._names, parameters, strict=True))
 
-    def forward(self, *args, gates: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        *args,
+        gates: torch.Tensor | None = None,
+        gate_noise: torch.Tensor | None = None,
+        **kwargs,
+    ):
         """Run the template with merged parameters.
 
         Parameters
@@ -500,11 +597,13 @@ class SoftMerge(torch.nn.Module):
         *args, **kwargs
             Inputs of the members' ``forward``.
         gates : torch.Tensor of shape (n_members, n_units), default=None
-            Gate values; ``None`` uses the deterministic gates.
+            Gate values; ``None`` uses the deterministic gates, unless
+            ``gate_noise`` is given.
+        gate_noise : torch.Tensor of shape (n_members, n_units), default=None
+            Logistic noise for a hard-concrete sample of the gates, the fast
+            path of a training step (see :meth:`merged_parameters`).
         """
-        if gates is None:
-            gates = self.gates()
-        parameters = self._with_aliases(self.merged_parameters(gates))
+        parameters = self._with_aliases(self.merged_parameters(gates, noise=gate_noise))
         # The aliases of tied weights are known since construction, which spares
         # functional_call a search through the module on every call.
         return functional_call(

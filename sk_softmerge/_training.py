@@ -1,13 +1,13 @@
 """Learning the gates of a :class:`SoftMerge` by minibatch gradient descent."""
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from ._gates import hard_concrete, logistic_noise
+from ._gates import logistic_noise
 from ._merging import SoftMerge
 
 
@@ -100,7 +100,7 @@ def learn_gates(
     2
     """
     log_alpha = merger.log_alpha
-    optimizer = _adam(log_alpha, lr)
+    optimizer = Adam(log_alpha, lr)
     n_samples = X.shape[0]
     n_batches = math.ceil(n_samples / batch_size)
     batch_sizes = torch.full((n_batches,), float(batch_size), device=X.device)
@@ -125,7 +125,7 @@ def learn_gates(
             X[order].split(batch_size), y[order].split(batch_size), strict=True
         )
         for step, (X_batch, y_batch) in enumerate(batches):
-            output = merger(X_batch, gates=hard_concrete(log_alpha, noise[step]))
+            output = merger(X_batch, gate_noise=noise[step])
             loss = loss_fn(output, y_batch)
             if l0_weight:
                 loss = loss + l0_weight * merger.penalty()
@@ -133,8 +133,7 @@ def learn_gates(
             (grad,) = torch.autograd.grad(loss, log_alpha)
             # A sampled merge that overflows (a malicious member's gate drawn
             # open) gives no usable gradient; skip its step without a sync.
-            log_alpha.grad = torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            optimizer.step()
+            optimizer.step(grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
             losses[step] = loss.detach()
         losses = torch.nan_to_num_(losses, nan=0.0, posinf=0.0)
         result.loss_curve.append(float(losses @ batch_sizes) / n_samples)
@@ -162,9 +161,80 @@ def learn_gates(
 
 
 @torch.no_grad()
-def _task_loss(merger, loss_fn, X, y, batch_size=1024):
-    """Mean task loss of the deterministic merge; inf when it is not finite."""
-    gates = merger.gates()
+def warm_start(
+    merger: SoftMerge,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    members: Sequence[int],
+    log_alpha: float = 3.0,
+) -> int | None:
+    """Start the gates from the member alone, or the merge, with the lowest loss.
+
+    Gate descent finds a local optimum near its start. The average of members
+    that share a basin is usually a better start than any of them, but the
+    average of independently trained members, even aligned ones, can be far
+    worse than each: there, starting from the best member keeps the descent
+    where the members are good.
+
+    Parameters
+    ----------
+    merger : SoftMerge
+        Its current deterministic gates are the first candidate; when a member
+        has a lower loss, its gates are set to ``log_alpha`` and every other
+        gate to ``-log_alpha``.
+    loss_fn : callable
+        ``loss_fn(output, y)`` returning the mean task loss.
+    X, y : torch.Tensor
+        Data to compare the candidates on, on the merger's device.
+    members : sequence of int
+        Rows of the members that may be a start on their own.
+    log_alpha : float, default=3.0
+        Magnitude of the log-alphas of a member start.
+
+    Returns
+    -------
+    member : int or None
+        The member the gates start from; ``None`` keeps the current gates,
+        which also win ties.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge import SoftMerge
+    >>> from sk_softmerge._training import warm_start
+    >>> good, bad = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    >>> with torch.no_grad():
+    ...     _ = good.weight.fill_(1.0), good.bias.zero_()
+    ...     _ = bad.weight.fill_(-5.0), bad.bias.zero_()
+    >>> merger = SoftMerge([bad, good])
+    >>> X = torch.linspace(-1, 1, 9).unsqueeze(1)
+    >>> warm_start(merger, torch.nn.functional.mse_loss, X, X, members=[0, 1])
+    1
+    >>> merger.gates().detach()
+    tensor([[0.],
+            [1.]])
+    """
+    current = merger.gates()
+    losses = [_task_loss(merger, loss_fn, X, y, gates=current)]
+    for k in members:
+        alone = torch.zeros_like(current)
+        alone[k] = 1.0
+        losses.append(_task_loss(merger, loss_fn, X, y, gates=alone))
+    best = min(range(len(losses)), key=losses.__getitem__)
+    if best == 0:
+        return None
+    member = members[best - 1]
+    merger.log_alpha.fill_(-log_alpha)
+    merger.log_alpha[member] = log_alpha
+    return member
+
+
+@torch.no_grad()
+def _task_loss(merger, loss_fn, X, y, gates=None, batch_size=1024):
+    """Mean task loss of a merge, deterministic by default; inf when not finite."""
+    if gates is None:
+        gates = merger.gates()
     total = torch.zeros((), device=X.device)
     for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):
         total += loss_fn(merger(X[batch], gates=gates), y[batch]) * batch.shape[0]
@@ -172,10 +242,53 @@ def _task_loss(merger, loss_fn, X, y, batch_size=1024):
     return loss if math.isfinite(loss) else math.inf
 
 
-def _adam(parameter: torch.nn.Parameter, lr: float) -> torch.optim.Adam:
-    # The fused kernel updates the log-alphas in one call instead of about ten;
-    # torch builds before 2.4 have it only for CUDA.
-    try:
-        return torch.optim.Adam([parameter], lr=lr, fused=True)
-    except RuntimeError:
-        return torch.optim.Adam([parameter], lr=lr)
+class Adam:
+    """Adam on one tensor, updated in place, as :class:`torch.optim.Adam` does.
+
+    ``torch.optim.Adam`` spends longer on its Python bookkeeping than on the
+    update of a few dozen log-alphas: about 80 us a step, a tenth of a whole
+    step on a small net. The same update in five in-place operations costs a
+    third of that.
+
+    Parameters
+    ----------
+    parameter : torch.Tensor
+        The tensor to update.
+    lr : float
+        Learning rate.
+    betas : tuple of float, default=(0.9, 0.999)
+        Decay rates of the first and second moment estimates.
+    eps : float, default=1e-8
+        Added to the root of the second moment.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._training import Adam
+    >>> x = torch.zeros(2)
+    >>> optimizer = Adam(x, lr=0.1)
+    >>> optimizer.step(torch.tensor([1.0, -2.0]))
+    >>> x
+    tensor([-0.1000,  0.1000])
+    """
+
+    def __init__(self, parameter, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.parameter = parameter
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.exp_avg = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
+        self.n_steps = 0
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        """Update the parameter with ``grad``."""
+        beta1, beta2 = self.betas
+        self.n_steps += 1
+        self.exp_avg.lerp_(grad, 1.0 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        bias_correction1 = 1.0 - beta1**self.n_steps
+        bias_correction2 = 1.0 - beta2**self.n_steps
+        denom = self.exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2))
+        self.parameter.addcdiv_(
+            self.exp_avg, denom.add_(self.eps), value=-self.lr / bias_correction1
+        )

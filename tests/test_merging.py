@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sk_softmerge import SoftMerge
+from sk_softmerge._gates import hard_concrete, logistic_noise
 from sk_softmerge._merging import find_units, mixing_weights, select_parameters
 
 
@@ -251,6 +252,27 @@ class TestFastPathEquivalence:
         output = torch.func.functional_call(module, parameters, (x,))
         (output**2).sum().backward()
         torch.testing.assert_close(fast, log_alpha.grad, rtol=1e-4, atol=1e-6)
+
+    @pytest.mark.parametrize("granularity", ["layer", "neuron"])
+    def test_sampled_fast_path_matches_gates_path(self, granularity):
+        modules = [conv_net(seed) for seed in range(3)]
+        merger = SoftMerge(modules, granularity=granularity)
+        with torch.no_grad():
+            merger.log_alpha.copy_(torch.randn_like(merger.log_alpha) * 2)
+        noise = logistic_noise(merger.log_alpha.shape, torch.Generator().manual_seed(4))
+        x = torch.randn(4, 2, 9)
+        grads = []
+        for kwargs in (
+            {"gate_noise": noise},
+            {"gates": hard_concrete(merger.log_alpha, noise)},
+        ):
+            (merger(x, **kwargs) ** 2).sum().backward()
+            grads.append(merger.log_alpha.grad)
+            merger.log_alpha.grad = None
+        torch.testing.assert_close(grads[0], grads[1])
+        assert (grads[0] != 0).any()
+        with pytest.raises(ValueError, match="not both"):
+            merger.merged_parameters(merger.gates(), noise=noise)
 
     def test_float64_members(self):
         modules = [mlp(seed).double() for seed in range(3)]

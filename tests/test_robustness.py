@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.model_selection import train_test_split
 
+import sk_softmerge._classifier
 from sk_softmerge import SoftMergeClassifier
 
 from conftest import forked_members
@@ -71,8 +72,9 @@ class TestValidationFallback:
             kept = fit_quietly(kept, X_train, y_train)
             np.testing.assert_array_equal(kept.gates_, merge.gates_)
 
-    def test_falls_back_to_best_member_exactly(self, split):
-        X_train, X_test, y_train, _ = split
+    @pytest.fixture(scope="class")
+    def good_and_weak(self, split):
+        X_train, _, y_train, _ = split
         good = forked_members(X_train, y_train, n_members=1, seed=2)[0]
         # Independently initialised, barely trained members: averaging them
         # with the good one cannot beat it.
@@ -80,7 +82,30 @@ class TestValidationFallback:
             forked_members(X_train, y_train, n_members=1, seed=s, lr=0.01)[0]
             for s in (3, 4)
         ]
-        members = [weak[0], good, weak[1]]
+        return [weak[0], good, weak[1]]
+
+    def test_starts_from_the_best_member(self, good_and_weak, split):
+        X_train, X_test, y_train, _ = split
+        merge = SoftMergeClassifier(
+            good_and_weak, max_epochs=1, lr=1e-6, random_state=0
+        )
+        merge = fit_quietly(merge, X_train, y_train)
+        assert merge.start_ == "member 1"
+        assert merge.selected_ == "soft merge"
+        np.testing.assert_array_equal(merge.gates_[:, 0], [0.0, 1.0, 0.0])
+        np.testing.assert_allclose(
+            merge.predict_proba(X_test),
+            good_and_weak[1].predict_proba(X_test),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+    def test_falls_back_to_best_member_exactly(self, good_and_weak, split, monkeypatch):
+        X_train, X_test, y_train, _ = split
+        # Started from the average, which is far worse than the good member.
+        monkeypatch.setattr(sk_softmerge._classifier, "warm_start", _average_start)
+        members = good_and_weak
+        good = members[1]
         merge = SoftMergeClassifier(members, max_epochs=1, lr=1e-6, random_state=0)
         with pytest.warns(UserWarning, match="falling back to member 1"):
             merge.fit(X_train, y_train)
@@ -177,3 +202,7 @@ class TestMaliciousMembers:
             assert np.isfinite(merge.loss_curve_).all()
             assert np.isfinite(merge.gates_).all()
             assert np.isfinite(merge.predict_proba(X_test)).all()
+
+
+def _average_start(*args, **kwargs):
+    return None

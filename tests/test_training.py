@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from sk_softmerge import SoftMerge
+from sk_softmerge._training import Adam, learn_gates, warm_start
+
+
+def test_adam_matches_torch_adam():
+    generator = torch.Generator().manual_seed(0)
+    ours = torch.randn(4, 3, generator=generator)
+    theirs = torch.nn.Parameter(ours.clone())
+    optimizer = Adam(ours, lr=0.05)
+    reference = torch.optim.Adam([theirs], lr=0.05)
+    for _ in range(20):
+        grad = torch.randn(4, 3, generator=generator)
+        optimizer.step(grad)
+        theirs.grad = grad.clone()
+        reference.step()
+    torch.testing.assert_close(ours, theirs.detach())
+
+
+@pytest.mark.parametrize("l0_weight", [0.0, 1e-2])
+def test_learn_gates_changes_only_log_alpha_and_is_repeatable(l0_weight):
+    torch.manual_seed(0)
+    modules = [torch.nn.Linear(3, 2) for _ in range(3)]
+    X, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
+    results = []
+    for _ in range(2):
+        merger = SoftMerge(modules)
+        theta = merger.theta.clone()
+        learn_gates(
+            merger,
+            torch.nn.functional.cross_entropy,
+            X,
+            y,
+            l0_weight=l0_weight,
+            max_epochs=3,
+            generator=torch.Generator().manual_seed(1),
+        )
+        assert torch.equal(merger.theta, theta)
+        results.append(merger.log_alpha.detach())
+    assert not torch.equal(results[0], torch.full_like(results[0], 3.0))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+def _linear(weight):
+    module = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(weight)
+    return module
+
+
+def test_warm_start_keeps_the_average_when_it_is_best():
+    X = torch.linspace(-1, 1, 9).unsqueeze(1)
+    merger = SoftMerge([_linear(0.5), _linear(1.5)])
+    before = merger.log_alpha.detach().clone()
+    loss = torch.nn.functional.mse_loss
+    assert warm_start(merger, loss, X, X, members=[0, 1]) is None
+    assert torch.equal(merger.log_alpha, before)
+
+
+def test_warm_start_only_considers_the_members_given():
+    X = torch.linspace(-1, 1, 9).unsqueeze(1)
+    merger = SoftMerge([_linear(-3.0), _linear(1.0), _linear(0.9)])
+    loss = torch.nn.functional.mse_loss
+    assert warm_start(merger, loss, X, X, members=[0, 2], log_alpha=2.0) == 2
+    assert merger.log_alpha[:, 0].tolist() == [-2.0, -2.0, 2.0]
