@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import os
 import subprocess
 import sys
 
@@ -450,7 +451,8 @@ class TestCuda:
             f"e = np.load({str(tmp_path / 'expected.npy')!r});"
             "assert (m.predict(X) == e).all()"
         )
-        env = {"CUDA_VISIBLE_DEVICES": "", "PATH": ""}
+        # The same environment (where the packages are found), with no GPU.
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
         subprocess.run([sys.executable, "-c", script], check=True, env=env)
 
 
