@@ -1,8 +1,8 @@
 """SoftMergeClassifier: API, scikit-learn integration, devices, persistence."""
 
 import copy
-import pickle
 import os
+import pickle
 import subprocess
 import sys
 
