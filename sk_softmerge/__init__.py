@@ -5,6 +5,7 @@ from ._batchnorm import recompute_batchnorm_statistics
 from ._classifier import SoftMergeClassifier
 from ._export import load_merged
 from ._merging import SoftMerge
+from ._regressor import SoftMergeRegressor
 from ._plotting import plot_gates
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SoftMerge",
     "SoftMergeClassifier",
+    "SoftMergeRegressor",
     "__version__",
     "align_modules",
     "load_merged",
