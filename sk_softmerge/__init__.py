@@ -5,8 +5,8 @@ from ._batchnorm import recompute_batchnorm_statistics
 from ._classifier import SoftMergeClassifier
 from ._export import load_merged
 from ._merging import SoftMerge
-from ._regressor import SoftMergeRegressor
 from ._plotting import plot_gates
+from ._regressor import SoftMergeRegressor
 
 __version__ = "0.1.0"
 

@@ -5,9 +5,7 @@ from sklearn.base import clone
 from skorch import NeuralNet
 
 
-def build_merged_net(
-    reference: NeuralNet, state_dict: dict, classes=None
-) -> NeuralNet:
+def build_merged_net(reference: NeuralNet, state_dict: dict, classes=None) -> NeuralNet:
     """A fitted copy of ``reference`` whose module holds ``state_dict``.
 
     The copy has the reference's class and parameters (module, criterion,
