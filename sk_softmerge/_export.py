@@ -58,7 +58,8 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     version, the classes (``null`` for a regressor), the number of features,
     the unit names and gates, the name, shape and dtype of every tensor, the
     size and SHA-256 of the weights file, and the skorch class, criterion and
-    predict nonlinearity that :func:`load_merged` needs to predict exactly as ``estimator`` does.
+    predict nonlinearity that :func:`load_merged` needs to predict exactly as
+    ``estimator`` does.
 
     Both files are first written to temporary files in the same directory and
     then moved into place, so a failed save leaves earlier files intact.
