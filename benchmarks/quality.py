@@ -96,6 +96,7 @@ def members_for(scenario, seed, cache):
     if scenario in REGRESSION:
         data = diabetes(seed) if scenario == "f" else friedman1(seed)
         X_train, _, y_train, _ = data
+        torch.manual_seed(seed)  # the shared start's initialisation
         members = forked_members(
             mlp(X_train.shape[1], 1),
             X_train,
