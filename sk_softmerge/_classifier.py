@@ -121,7 +121,11 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
     gates learn.
 
     *Training.* Gates start open (log-alpha 3), that is from the uniform average
-    of the members. The objective is the members' own loss plus ``l0_weight``
+    of the members. The objective is the members' own loss (``CrossEntropyLoss``
+    on logits, ``NLLLoss`` on the probabilities of a module ending in softmax,
+    ``BCEWithLogitsLoss`` on the one logit of a ``NeuralNetBinaryClassifier``;
+    any other criterion is replaced by the negative log likelihood of the
+    predicted probabilities) plus ``l0_weight``
     times the mean expected L0 norm of all gates; dividing by the number of
     gates keeps one scale of ``l0_weight`` for every architecture and number of
     members. With validation data, the gates of the epoch with the lowest
@@ -140,6 +144,12 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
     weights scaled by 1e3, or replaced by large noise) has its gate on that unit
     start closed (``screened_``); learning may still open it. Unmerged
     parameters and buffers come from the first member that is not screened.
+
+    *Prediction.* ``merged_net_`` is a net of the members' skorch class and
+    parameters, so it predicts through their own predict nonlinearity (softmax
+    for ``CrossEntropyLoss``, none for probabilities, sigmoid for a binary net)
+    and, for a ``NeuralNetBinaryClassifier``, predicts class 1 above its
+    ``threshold``, as the members do.
 
     *Validation.* On the held-out part, the merge is compared with the uniform
     average and every member. A candidate replaces the merge only if it is
