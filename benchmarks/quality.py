@@ -366,25 +366,27 @@ def write_regression(table, results, seeds, member_epochs):
     rows = [r for rows in results.values() for r in rows]
     fallbacks = sum(r["selected"] != "soft merge" for r in rows)
     option = f" --member-epochs {member_epochs}" if member_epochs else ""
+    epochs = ", ".join(
+        f"({k}) {REGRESSION_EPOCHS[k][0]} shared + {REGRESSION_EPOCHS[k][1]}"
+        for k in results
+    )
     section = f"""{start}
 ## Regression
 
 `OMP_NUM_THREADS=1 python benchmarks/quality.py --scenarios {" ".join(results)}
 --seeds {" ".join(map(str, seeds))}{option}` (2 CPU cores, torch {torch.__version__}).
-Test R^2, mean ± standard deviation over {len(seeds)} seeds; 5 members per
-scenario, MLPs (100-100 hidden units, Adam, mean squared error) forked from one
-short shared training ({
-        ", ".join(f"({k}) {REGRESSION_EPOCHS[k][0]} epochs" for k in results)
-    }), each member trained further on its own bootstrap sample
-({", ".join(f"({k}) {REGRESSION_EPOCHS[k][1]} epochs" for k in results)}).
-Features and target are standardised on the training part (diabetes: 309 train /
-133 test samples; Friedman #1, noise 1: 1,400 / 600). "SoftMerge" is
-`SoftMergeRegressor(members, random_state=seed)` with every other parameter at its
-default; "tuned" picks `l0_weight` in {L0_GRID} by `GridSearchCV(cv=2)`; "neuron"
-is `granularity="neuron"`. Best member and greedy soup choose on a random 20% of
-the training data. "Gain captured" is (merge - best member) / (output ensemble -
-best member), on the means. The validation check fell back from the soft merge in
-{fallbacks} of {len(rows)} default fits.
+Test R^2, mean ± standard deviation over {len(seeds)} seeds. 5 members per
+scenario: MLPs (100-100 hidden units, Adam, mean squared error) forked from one
+short shared training, each then trained on its own bootstrap sample of the
+training data (epochs: {epochs} per member). Features and target are
+standardised on the training part (diabetes: 309 train / 133 test samples;
+Friedman #1 with noise 1: 1,400 / 600). "SoftMerge" is
+`SoftMergeRegressor(members, random_state=seed)` with every other parameter at
+its default; "tuned" picks `l0_weight` in {L0_GRID} by `GridSearchCV(cv=2)`;
+"neuron" is `granularity="neuron"`. Best member and greedy soup choose on a
+random 20% of the training data. "Gain captured" is (merge - best member) /
+(output ensemble - best member), on the means. The validation check fell back
+from the soft merge in {fallbacks} of {len(rows)} default fits.
 
 {table}
 
