@@ -16,12 +16,16 @@ trained further on its own bootstrap sample of the training data):
     c  as (a), one member holding a NaN
     d  scikit-learn digits MLP
     e  MNIST-1D 1-D CNN
+    f  scikit-learn diabetes MLP regressor (SoftMergeRegressor)
+    g  Friedman #1 MLP regressor (SoftMergeRegressor)
 
 Every method sees the same training data. The baselines that choose (best
-member, greedy soup) choose on a stratified 20% of it, the share SoftMerge keeps
-for validation by default; accuracies are on the untouched test set. Results go
-to ``benchmarks/RESULTS.md`` (between the quality markers) and
-``benchmarks/quality.json``.
+member, greedy soup) choose on a 20% of it (stratified for classification), the
+share SoftMerge keeps for validation by default; accuracies (R^2 for the
+regression scenarios) are on the untouched test set. Results go to
+``benchmarks/RESULTS.md`` (classification between the quality markers,
+regression between the regression markers) and ``benchmarks/quality.json``
+(``benchmarks/regression.json``).
 
 With ``--independent``, the scenarios of ``_independent.py`` run instead: five
 members per seed, each from its own random initialisation, merged without and
@@ -37,15 +41,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from _independent import format_table, scenarios_independent_init
-from _members import CNN1d, corrupt, digits, forked_members, mlp, mnist1d
+from _members import (
+    CNN1d,
+    corrupt,
+    diabetes,
+    digits,
+    forked_members,
+    friedman1,
+    mlp,
+    mnist1d,
+)
 from sklearn.model_selection import GridSearchCV, train_test_split
 
-from sk_softmerge import SoftMergeClassifier
+from sk_softmerge import SoftMergeClassifier, SoftMergeRegressor
 from sk_softmerge.baselines import (
     BestMemberClassifier,
+    BestMemberRegressor,
     GreedySoupClassifier,
+    GreedySoupRegressor,
     OutputEnsembleClassifier,
+    OutputEnsembleRegressor,
     UniformSoupClassifier,
+    UniformSoupRegressor,
 )
 
 HERE = Path(__file__).parent
@@ -55,7 +72,12 @@ SCENARIOS = {
     "c": "MNIST-1D MLP, one member NaN",
     "d": "digits MLP",
     "e": "MNIST-1D CNN",
+    "f": "diabetes MLP regressor",
+    "g": "Friedman #1 MLP regressor",
 }
+REGRESSION = "fg"
+REGRESSION_EPOCHS = {"f": (10, 10), "g": (10, 20)}
+"""Shared and per-member training epochs of the regression scenarios."""
 COLUMNS = [
     "best member",
     "uniform soup",
@@ -71,6 +93,20 @@ L0_GRID = [0.0, 1e-2, 1e-1, 1.0]
 
 def members_for(scenario, seed, cache):
     """Training data, test data and members of a scenario (members cached)."""
+    if scenario in REGRESSION:
+        data = diabetes(seed) if scenario == "f" else friedman1(seed)
+        X_train, _, y_train, _ = data
+        torch.manual_seed(seed)  # the shared start's initialisation
+        members = forked_members(
+            mlp(X_train.shape[1], 1),
+            X_train,
+            y_train,
+            seed=seed,
+            shared_epochs=REGRESSION_EPOCHS[scenario][0],
+            member_epochs=REGRESSION_EPOCHS[scenario][1],
+            regression=True,
+        )
+        return (*data, members)
     if scenario in "abce":
         X_train, X_test, y_train, y_test = mnist1d()
     else:
@@ -96,31 +132,41 @@ def members_for(scenario, seed, cache):
 
 def run_scenario(scenario, seed, cache):
     X_train, X_test, y_train, y_test, members = members_for(scenario, seed, cache)
+    regression = scenario in REGRESSION
     _, X_val, _, y_val = train_test_split(
-        X_train, y_train, test_size=0.2, stratify=y_train, random_state=seed
+        X_train,
+        y_train,
+        test_size=0.2,
+        stratify=None if regression else y_train,
+        random_state=seed,
     )
+    baselines = [
+        ("best member", BestMemberRegressor, BestMemberClassifier),
+        ("uniform soup", UniformSoupRegressor, UniformSoupClassifier),
+        ("greedy soup", GreedySoupRegressor, GreedySoupClassifier),
+        ("output ensemble", OutputEnsembleRegressor, OutputEnsembleClassifier),
+    ]
     row = {}
-    for name, Baseline in [
-        ("best member", BestMemberClassifier),
-        ("uniform soup", UniformSoupClassifier),
-        ("greedy soup", GreedySoupClassifier),
-        ("output ensemble", OutputEnsembleClassifier),
-    ]:
+    for name, Regressor, Classifier in baselines:
+        Baseline = Regressor if regression else Classifier
         row[name] = Baseline(members).fit(X_val, y_val).score(X_test, y_test)
 
+    SoftMerge = SoftMergeRegressor if regression else SoftMergeClassifier
     start = time.perf_counter()
-    merge = SoftMergeClassifier(members, random_state=seed).fit(X_train, y_train)
+    merge = SoftMerge(members, random_state=seed).fit(X_train, y_train)
     row["fit seconds"] = time.perf_counter() - start
     row["SoftMerge"] = merge.score(X_test, y_test)
     row["selected"] = merge.selected_
     row["closed gates of member 2"] = bool((merge.gates_[2] == 0).all())
+    if regression:
+        row["members"] = [float(m.score(X_test, y_test)) for m in members]
 
-    neuron = SoftMergeClassifier(members, granularity="neuron", random_state=seed)
+    neuron = SoftMerge(members, granularity="neuron", random_state=seed)
     row["SoftMerge neuron"] = neuron.fit(X_train, y_train).score(X_test, y_test)
 
-    if scenario in "ade":
+    if scenario in "adefg":
         search = GridSearchCV(
-            SoftMergeClassifier(members, random_state=seed),
+            SoftMerge(members, random_state=seed),
             {"l0_weight": L0_GRID},
             cv=2,
         ).fit(X_train, y_train)
@@ -129,8 +175,11 @@ def run_scenario(scenario, seed, cache):
     return row
 
 
-def summarise(results):
-    """Markdown table: mean and spread over seeds, and the share of gain."""
+def summarise(results, percent=True):
+    """Markdown table: mean and spread over seeds, and the share of gain.
+
+    Accuracies are shown in %, R^2 (``percent=False``) with three decimals.
+    """
     lines = [
         "| scenario | " + " | ".join(COLUMNS) + " | fit s | gain captured |",
         "| --- |" + " --- |" * (len(COLUMNS) + 2),
@@ -144,7 +193,10 @@ def summarise(results):
                 cells.append("-")
                 continue
             means[column] = np.mean(values)
-            cells.append(f"{100 * means[column]:.1f} ± {100 * np.std(values):.1f}")
+            if percent:
+                cells.append(f"{100 * means[column]:.1f} ± {100 * np.std(values):.1f}")
+            else:
+                cells.append(f"{means[column]:.3f} ± {np.std(values):.3f}")
         seconds = np.mean([r["fit seconds"] for r in rows])
         gain = means["output ensemble"] - means["best member"]
         captured = ", ".join(
@@ -235,6 +287,13 @@ def main():
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     parser.add_argument("--independent", action="store_true")
     parser.add_argument(
+        "--member-epochs",
+        type=int,
+        help="epochs of each regression member after the fork (default: "
+        + ", ".join(f"({k}) {v[1]}" for k, v in REGRESSION_EPOCHS.items())
+        + ")",
+    )
+    parser.add_argument(
         "--json", help="only write this run's per-seed rows to this JSON file"
     )
     parser.add_argument(
@@ -245,6 +304,9 @@ def main():
     )
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
+    if args.member_epochs:
+        for scenario, (shared, _) in REGRESSION_EPOCHS.items():
+            REGRESSION_EPOCHS[scenario] = (shared, args.member_epochs)
     if args.independent:
         write_independent(args.seeds)
         return
@@ -255,9 +317,7 @@ def main():
             seeds += part["seeds"]
             for scenario, rows in part["results"].items():
                 results.setdefault(scenario, []).extend(rows)
-        table = summarise(results)
-        print(table)
-        write_results(table, results, sorted(seeds))
+        write_all(results, sorted(seeds), args.member_epochs)
         return
     cache, results = {}, {s: [] for s in args.scenarios}
     for seed in args.seeds:
@@ -278,9 +338,62 @@ def main():
             json.dumps({"seeds": args.seeds, "results": results})
         )
         return
-    table = summarise(results)
-    print(table)
-    write_results(table, results, args.seeds)
+    write_all(results, args.seeds, args.member_epochs)
+
+
+def write_all(results, seeds, member_epochs=None):
+    """Print and write the classification and the regression tables."""
+    classification = {k: v for k, v in results.items() if k not in REGRESSION}
+    regression = {k: v for k, v in results.items() if k in REGRESSION}
+    if classification:
+        table = summarise(classification)
+        print(table)
+        write_results(table, classification, seeds)
+    if regression:
+        table = summarise(regression, percent=False)
+        print(table)
+        write_regression(table, regression, seeds, member_epochs)
+
+
+def write_regression(table, results, seeds, member_epochs):
+    path = HERE / "RESULTS.md"
+    start, end = "<!-- regression:start -->", "<!-- regression:end -->"
+    text = path.read_text()
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    before, rest = text.split(start)
+    _, after = rest.split(end)
+    rows = [r for rows in results.values() for r in rows]
+    fallbacks = sum(r["selected"] != "soft merge" for r in rows)
+    option = f" --member-epochs {member_epochs}" if member_epochs else ""
+    epochs = ", ".join(
+        f"({k}) {REGRESSION_EPOCHS[k][0]} shared + {REGRESSION_EPOCHS[k][1]}"
+        for k in results
+    )
+    section = f"""{start}
+## Regression
+
+`OMP_NUM_THREADS=1 python benchmarks/quality.py --scenarios {" ".join(results)}
+--seeds {" ".join(map(str, seeds))}{option}` (2 CPU cores, torch {torch.__version__}).
+Test R^2, mean ± standard deviation over {len(seeds)} seeds. 5 members per
+scenario: MLPs (100-100 hidden units, Adam, mean squared error) forked from one
+short shared training, each then trained on its own bootstrap sample of the
+training data (epochs: {epochs} per member). Features and target are
+standardised on the training part (diabetes: 309 train / 133 test samples;
+Friedman #1 with noise 1: 1,400 / 600). "SoftMerge" is
+`SoftMergeRegressor(members, random_state=seed)` with every other parameter at
+its default; "tuned" picks `l0_weight` in {L0_GRID} by `GridSearchCV(cv=2)`;
+"neuron" is `granularity="neuron"`. Best member and greedy soup choose on a
+random 20% of the training data. "Gain captured" is (merge - best member) /
+(output ensemble - best member), on the means. The validation check fell back
+from the soft merge in {fallbacks} of {len(rows)} default fits.
+
+{table}
+
+Per-seed values, with every member's test R^2, are in `benchmarks/regression.json`.
+{end}"""
+    path.write_text(before + section + after)
+    (HERE / "regression.json").write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

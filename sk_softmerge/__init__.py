@@ -6,12 +6,14 @@ from ._classifier import SoftMergeClassifier
 from ._export import load_merged
 from ._merging import SoftMerge
 from ._plotting import plot_gates
+from ._regressor import SoftMergeRegressor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SoftMerge",
     "SoftMergeClassifier",
+    "SoftMergeRegressor",
     "__version__",
     "align_modules",
     "load_merged",

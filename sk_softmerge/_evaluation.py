@@ -95,6 +95,63 @@ def member_forward(
     return partial(functional_call, template, state)
 
 
+@torch.no_grad()
+def scaled_squared_errors(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    nonlinearity: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 1024,
+) -> np.ndarray | None:
+    """Per-sample squared errors of a regression model, scaled to give R^2.
+
+    Each output's squared error is divided by the variance of that output's
+    targets in ``y``, and the result is averaged over outputs, so that one
+    minus the mean over samples is the coefficient of determination R^2
+    (averaged uniformly over outputs, as :func:`sklearn.metrics.r2_score`
+    does). An output whose targets are constant is not scaled.
+
+    Parameters
+    ----------
+    forward : callable
+        Maps a batch of inputs to the module's output.
+    X : torch.Tensor of shape (n_samples, ...)
+        Inputs, on the model's device.
+    y : torch.Tensor of shape (n_samples, n_outputs)
+        Targets, on the model's device.
+    nonlinearity : callable
+        Turns the module's output into predictions.
+    batch_size : int, default=1024
+        Samples per forward pass.
+
+    Returns
+    -------
+    errors : ndarray of shape (n_samples,), or None
+        ``None`` when some prediction is not finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._evaluation import scaled_squared_errors
+    >>> X = torch.tensor([[1.0], [2.0], [3.0]])
+    >>> y = torch.tensor([[1.0], [2.0], [4.0]])
+    >>> errors = scaled_squared_errors(lambda x: x, X, y, lambda out: out)
+    >>> errors.round(4)
+    array([0.    , 0.    , 0.6429])
+    >>> float(1 - errors.mean())   # R^2, as sklearn.metrics.r2_score gives
+    0.7857...
+    """
+    variance = y.to(torch.float64).var(dim=0, unbiased=False)
+    scale = torch.where(variance > 0, variance, torch.ones_like(variance))
+    errors, finite = [], torch.ones((), device=X.device, dtype=torch.bool)
+    for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):
+        predicted = nonlinearity(forward(X[batch])).reshape(y[batch].shape)
+        finite &= torch.isfinite(predicted).all()
+        squared = (predicted.to(torch.float64) - y[batch]) ** 2
+        errors.append((squared / scale).mean(dim=-1))
+    return torch.cat(errors).cpu().numpy() if finite.item() else None
+
+
 def choose(correct: dict[str, np.ndarray | None], default: str) -> str:
     """Keep ``default`` unless another candidate is significantly more accurate.
 
@@ -104,7 +161,8 @@ def choose(correct: dict[str, np.ndarray | None], default: str) -> str:
     accuracy (a one-sided McNemar test), so that the noise of a small
     validation set, searched over several candidates, does not trade a merge
     for a member that is no better. A ``default`` that does not predict loses to
-    the most accurate candidate that does.
+    the most accurate candidate that does. This is :func:`choose_lowest_loss`
+    with a loss of one for every misclassified sample.
 
     Parameters
     ----------
@@ -131,17 +189,61 @@ def choose(correct: dict[str, np.ndarray | None], default: str) -> str:
     >>> choose({"merge": merge, "a": slightly, "b": clearly}, "merge")
     'b'
     """
-    base = correct[default]
+    errors = {name: None if c is None else ~c for name, c in correct.items()}
+    return choose_lowest_loss(errors, default)
+
+
+def choose_lowest_loss(losses: dict[str, np.ndarray | None], default: str) -> str:
+    """Keep ``default`` unless another candidate has a significantly lower loss.
+
+    On the same samples, with ``d`` the per-sample loss of ``default`` minus
+    that of a candidate, the candidate beats ``default`` when ``sum(d)``
+    exceeds ``SIGNIFICANCE`` times ``sqrt(sum(d ** 2))``: a one-sided paired
+    test of the differences, whose statistic is approximately standard normal
+    when the differences are symmetric about zero. For 0/1 losses
+    (misclassifications) it is the one-sided McNemar test. A ``default``
+    without losses (it does not predict) loses to the candidate with the lowest
+    mean loss.
+
+    Parameters
+    ----------
+    losses : dict of str to ndarray or None
+        Per-sample loss of every candidate, on the same samples (``None``: no
+        prediction).
+    default : str
+        The candidate to keep unless beaten.
+
+    Returns
+    -------
+    name : str
+        The chosen candidate: the one that beats ``default`` by the largest
+        total loss difference, or ``default``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_softmerge._evaluation import choose_lowest_loss
+    >>> rng = np.random.default_rng(0)
+    >>> merge = rng.exponential(1.0, 200)
+    >>> noisy = merge + rng.normal(0, 1, 200)           # no better on average
+    >>> halved = merge / 2                              # clearly better
+    >>> choose_lowest_loss({"merge": merge, "a": noisy}, "merge")
+    'merge'
+    >>> choose_lowest_loss({"merge": merge, "a": noisy, "b": halved}, "merge")
+    'b'
+    """
+    base = losses[default]
     if base is None:
-        usable = {k: v.mean() for k, v in correct.items() if v is not None}
-        return max(usable, key=usable.get) if usable else default
-    chosen, widest = default, 0
-    for name, other in correct.items():
+        usable = {k: v.mean() for k, v in losses.items() if v is not None}
+        return min(usable, key=usable.get) if usable else default
+    base = base.astype(np.float64)
+    chosen, widest = default, 0.0
+    for name, other in losses.items():
         if other is None or name == default:
             continue
-        wins = int(np.sum(other & ~base))
-        losses = int(np.sum(base & ~other))
-        margin = wins - losses
-        if margin > SIGNIFICANCE * math.sqrt(wins + losses) and margin > widest:
+        difference = base - other.astype(np.float64)
+        margin = float(difference.sum())
+        spread = math.sqrt(float(difference @ difference))
+        if margin > SIGNIFICANCE * spread and margin > widest:
             chosen, widest = name, margin
     return chosen

@@ -26,7 +26,7 @@ import safetensors
 import safetensors.torch
 import torch
 from sklearn.utils.validation import check_is_fitted
-from skorch import NeuralNetClassifier
+from skorch import NeuralNetClassifier, NeuralNetRegressor
 
 from ._devices import resolve_device
 
@@ -45,6 +45,8 @@ _LOSSES = frozenset(
     if isinstance(getattr(torch.nn, name, None), type)
 )
 _NONLINEARITIES = ("auto", None)
+_NET_CLASSES = {net.__name__: net for net in (NeuralNetClassifier, NeuralNetRegressor)}
+"""The skorch classes the format can rebuild, by name."""
 
 
 def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
@@ -53,20 +55,22 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     Two files are written: the merged weights at ``path`` (which must end in
     ``.safetensors``) and a JSON sidecar next to it, with the same stem and the
     suffix ``.json``. The sidecar records the format version, the package
-    version, the classes, the number of features, the unit names and gates,
-    the name, shape and dtype of every tensor, the size and SHA-256 of the
-    weights file, and the skorch class, criterion and predict nonlinearity that
-    :func:`load_merged` needs to predict exactly as ``estimator`` does.
+    version, the classes (``null`` for a regressor), the number of features,
+    the unit names and gates, the name, shape and dtype of every tensor, the
+    size and SHA-256 of the weights file, and the skorch class, criterion and
+    predict nonlinearity that :func:`load_merged` needs to predict exactly as
+    ``estimator`` does.
 
     Both files are first written to temporary files in the same directory and
     then moved into place, so a failed save leaves earlier files intact.
 
     Parameters
     ----------
-    estimator : SoftMergeClassifier
+    estimator : SoftMergeClassifier or SoftMergeRegressor
         A fitted merge whose ``merged_net_`` is a skorch ``NeuralNetClassifier``
+        (with classes that are integers or strings) or ``NeuralNetRegressor``,
         with a ``torch.nn`` criterion and ``predict_nonlinearity`` ``"auto"`` or
-        ``None``, and whose classes are integers or strings.
+        ``None``.
     path : str or path-like
         Where to write the weights; must end in ``.safetensors``. Existing files
         are replaced.
@@ -127,7 +131,11 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     check_is_fitted(estimator, "merged_net_")
     net = estimator.merged_net_
     net_description = _describe_net(net)
-    classes = _json_classes(estimator.classes_)
+    classes = (
+        None
+        if isinstance(net, NeuralNetRegressor)
+        else _json_classes(estimator.classes_)
+    )
     module = getattr(net.module_, "_orig_mod", net.module_)
     # clone() also unties shared tensors, which safetensors refuses to write.
     state = {
@@ -166,8 +174,8 @@ def load_merged(
     *,
     device: str = "cpu",
     **module_kwargs,
-) -> NeuralNetClassifier:
-    """Rebuild a fitted skorch classifier from files written by ``save_merged``.
+) -> NeuralNetClassifier | NeuralNetRegressor:
+    """Rebuild a fitted skorch net from files written by ``save_merged``.
 
     The sidecar and the weights file are checked in full before anything is
     built: format and version, the weights file's size and SHA-256, the
@@ -194,10 +202,11 @@ def load_merged(
 
     Returns
     -------
-    net : skorch.NeuralNetClassifier
-        An initialised net with the merged weights, the saved classes,
-        criterion class, predict nonlinearity and batch size; its
-        ``predict_proba`` equals the saved estimator's.
+    net : skorch.NeuralNetClassifier or skorch.NeuralNetRegressor
+        An initialised net of the saved class, with the merged weights, the
+        saved classes (for a classifier), criterion class, predict
+        nonlinearity and batch size; its ``predict_proba`` equals the saved
+        merged net's.
 
     Raises
     ------
@@ -213,6 +222,7 @@ def load_merged(
     --------
     save_merged : Write the two files.
     SoftMergeClassifier.save_merged : The same, as a method of the estimator.
+    SoftMergeRegressor.save_merged : The same, for a regressor.
 
     Examples
     --------
@@ -255,12 +265,13 @@ def load_merged(
 
     description = sidecar["net"]
     params = {f"module__{key}": value for key, value in module_kwargs.items()}
-    net = NeuralNetClassifier(
+    if sidecar["classes"] is not None:
+        params["classes"] = sidecar["classes"]
+    net = _NET_CLASSES[description["class"]](
         module,
         criterion=getattr(torch.nn, description["criterion"]),
         predict_nonlinearity=description["predict_nonlinearity"],
         batch_size=description["batch_size"],
-        classes=sidecar["classes"],
         device=str(resolved_device),
         train_split=None,
         verbose=0,
@@ -291,10 +302,11 @@ def _paths(path) -> tuple[Path, Path]:
 
 
 def _describe_net(net) -> dict:
-    if type(net) is not NeuralNetClassifier:
+    if type(net) not in _NET_CLASSES.values():
         raise ValueError(
-            "save_merged writes skorch NeuralNetClassifier nets; the merged net "
-            f"is a {type(net).__module__}.{type(net).__qualname__}."
+            "save_merged writes skorch NeuralNetClassifier and NeuralNetRegressor "
+            f"nets; the merged net is a {type(net).__module__}."
+            f"{type(net).__qualname__}."
         )
     criterion = getattr(net.criterion_, "_orig_mod", net.criterion_)
     name = type(criterion).__name__
@@ -425,8 +437,8 @@ def _check_sidecar_fields(sidecar: dict, where: str) -> None:
         fail("tensors", "a mapping of tensor names to {'dtype': str, 'shape': [int]}")
 
     net = sidecar.get("net")
-    if not isinstance(net, dict) or net.get("class") != NeuralNetClassifier.__name__:
-        fail("net.class", repr(NeuralNetClassifier.__name__))
+    if not isinstance(net, dict) or net.get("class") not in _NET_CLASSES:
+        fail("net.class", " or ".join(map(repr, _NET_CLASSES)))
     if net.get("criterion") not in _LOSSES:
         fail("net.criterion", "the class name of a torch.nn loss")
     if not _is_named_nonlinearity(net.get("predict_nonlinearity", "missing")):
@@ -434,8 +446,11 @@ def _check_sidecar_fields(sidecar: dict, where: str) -> None:
     if not is_int(net.get("batch_size"), minimum=1):
         fail("net.batch_size", "a positive integer")
 
-    classes = sidecar.get("classes")
-    if not (
+    classes = sidecar.get("classes", "missing")
+    if net["class"] == NeuralNetRegressor.__name__:
+        if classes is not None:
+            fail("classes", "null for a NeuralNetRegressor")
+    elif not (
         isinstance(classes, list)
         and classes
         and (

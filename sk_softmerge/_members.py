@@ -1,21 +1,32 @@
 """Checking the members handed to a merge and reading what they share.
 
-Members arrive as fitted skorch classifiers, possibly wrapped in
+Members arrive as fitted skorch classifiers or regressors, possibly wrapped in
 :class:`sklearn.frozen.FrozenEstimator`. This module unwraps them, checks that
-they are fitted and share one architecture and one set of classes, and reads
-their modules without touching them.
+they are fitted, of the task the merge expects, and share one architecture (and,
+for classifiers, one set of classes), and reads their modules without touching
+them.
 """
 
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils.validation import check_is_fitted
 from skorch import NeuralNet
 
+TASKS = {
+    "classification": (
+        ClassifierMixin,
+        "classifier (NeuralNetClassifier or NeuralNetBinaryClassifier)",
+    ),
+    "regression": (RegressorMixin, "regressor (NeuralNetRegressor)"),
+}
+"""Task name: the mixin its skorch nets carry, and how messages name them."""
 
-def unwrap_member(member, index: int) -> NeuralNet:
+
+def unwrap_member(member, index: int, task: str = "classification") -> NeuralNet:
     """Return the skorch net inside ``member``, checking that it is fitted.
 
     Parameters
@@ -24,6 +35,8 @@ def unwrap_member(member, index: int) -> NeuralNet:
         A fitted skorch net, or one wrapped in ``FrozenEstimator``.
     index : int
         Position of the member in ``estimators``, used in error messages.
+    task : {"classification", "regression"}, default="classification"
+        The task the member must be a skorch net for.
 
     Returns
     -------
@@ -33,7 +46,7 @@ def unwrap_member(member, index: int) -> NeuralNet:
     Raises
     ------
     TypeError
-        If ``member`` is not a skorch net.
+        If ``member`` is not a skorch net, or not one for ``task``.
     ValueError
         If the net is not fitted.
 
@@ -55,9 +68,16 @@ def unwrap_member(member, index: int) -> NeuralNet:
             f"estimators[{index}] must be a fitted skorch net (or one wrapped in "
             f"FrozenEstimator); got {type(member).__name__}."
         )
+    mixin, expected = TASKS[task]
+    if not isinstance(net, mixin):
+        raise TypeError(
+            f"estimators[{index}] is a {type(net).__name__}, but a merge for "
+            f"{task} takes skorch {expected} members."
+        )
     try:
         check_is_fitted(net)
-        net.classes_  # noqa: B018 (classes_ exists only once the net has seen y)
+        if task == "classification":
+            net.classes_  # noqa: B018 (classes_ exists only once the net saw y)
     except Exception as exc:
         raise ValueError(
             f"estimators[{index}] is not fitted: fit each member before merging."
@@ -65,17 +85,20 @@ def unwrap_member(member, index: int) -> NeuralNet:
     return net
 
 
-def check_members(estimators) -> list[NeuralNet]:
+def check_members(estimators, task: str = "classification") -> list[NeuralNet]:
     """Unwrap the members and check that they can be merged.
 
-    Members can be merged when there are at least two, all fitted, with the same
-    classes, parameter names, shapes and dtypes.
+    Members can be merged when there are at least two, all fitted skorch nets
+    for ``task``, with the same parameter names, shapes and dtypes, and, for
+    classification, the same classes.
 
     Parameters
     ----------
     estimators : sequence of skorch nets
-        The members, each a fitted skorch classifier or one wrapped in
+        The members, each a fitted skorch net or one wrapped in
         ``FrozenEstimator``.
+    task : {"classification", "regression"}, default="classification"
+        The task the members must be skorch nets for.
 
     Returns
     -------
@@ -84,6 +107,9 @@ def check_members(estimators) -> list[NeuralNet]:
 
     Raises
     ------
+    TypeError
+        If ``estimators`` is not a sequence, or a member is not a skorch net
+        for ``task``.
     ValueError
         If fewer than two members are given, or a member is unfitted or differs
         from the first one.
@@ -106,11 +132,18 @@ def check_members(estimators) -> list[NeuralNet]:
             "estimators must hold at least 2 fitted nets to merge; got "
             f"{len(estimators)}."
         )
-    nets = [unwrap_member(member, i) for i, member in enumerate(estimators)]
+    nets = [unwrap_member(member, i, task) for i, member in enumerate(estimators)]
     first = nets[0]
     reference = _parameter_signature(first.module_)
     for i, net in enumerate(nets[1:], start=1):
-        if not np.array_equal(net.classes_, first.classes_):
+        if type(net) is not type(first):
+            raise ValueError(
+                f"estimators[{i}] is a {type(net).__name__}, but estimators[0] is a "
+                f"{type(first).__name__}: members must be nets of one skorch class."
+            )
+        if task == "classification" and not np.array_equal(
+            net.classes_, first.classes_
+        ):
             classes, expected = (np.asarray(n.classes_).tolist() for n in (net, first))
             raise ValueError(
                 f"estimators[{i}] has classes {classes}, but estimators[0] has "

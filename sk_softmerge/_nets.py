@@ -5,7 +5,7 @@ from sklearn.base import clone
 from skorch import NeuralNet
 
 
-def build_merged_net(reference: NeuralNet, state_dict: dict, classes) -> NeuralNet:
+def build_merged_net(reference: NeuralNet, state_dict: dict, classes=None) -> NeuralNet:
     """A fitted copy of ``reference`` whose module holds ``state_dict``.
 
     The copy has the reference's class and parameters (module, criterion,
@@ -18,8 +18,9 @@ def build_merged_net(reference: NeuralNet, state_dict: dict, classes) -> NeuralN
         A fitted member; it is not modified.
     state_dict : dict of str to torch.Tensor
         Weights and buffers for the copy's module.
-    classes : array-like
-        Classes the copy reports as ``classes_``.
+    classes : array-like, default=None
+        Classes the copy reports as ``classes_``, for a classifier with a
+        ``classes`` parameter; ``None`` leaves the parameters as they are.
 
     Returns
     -------
@@ -40,7 +41,7 @@ def build_merged_net(reference: NeuralNet, state_dict: dict, classes) -> NeuralN
     array([[0.5, 0.5]], dtype=float32)
     """
     net = clone(reference)
-    if "classes" in net.get_params(deep=False):
+    if classes is not None and "classes" in net.get_params(deep=False):
         net.set_params(classes=list(classes))
     with torch.random.fork_rng(devices=[]):
         net.initialize()

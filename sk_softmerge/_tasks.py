@@ -9,7 +9,7 @@ import copy
 from collections.abc import Callable
 
 import torch
-from skorch import NeuralNet
+from skorch import NeuralNet, NeuralNetBinaryClassifier
 
 
 def classification_loss(
@@ -73,3 +73,86 @@ def classification_loss(
         return torch.nn.functional.nll_loss(log_proba, y)
 
     return nll_of_predicted_probabilities
+
+
+def regression_loss(
+    net: NeuralNet, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Loss of a skorch regressor, as a function of module output and targets.
+
+    The net's own criterion (``MSELoss`` by default, or any loss that compares
+    an output with a target of the same shape) is copied to ``device`` and
+    called as skorch calls it, with the targets shaped like the output.
+
+    Parameters
+    ----------
+    net : skorch.NeuralNet
+        A fitted skorch regressor.
+    device : torch.device
+        Where the loss will be evaluated.
+
+    Returns
+    -------
+    loss : callable
+        ``loss(output, y)`` with ``y`` holding as many values per sample as the
+        output, returning a scalar.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetRegressor
+    >>> from sk_softmerge._tasks import regression_loss
+    >>> net = NeuralNetRegressor(torch.nn.Linear, module__in_features=2,
+    ...     module__out_features=1, max_epochs=1, train_split=None, verbose=0)
+    >>> _ = net.fit(np.zeros((4, 2), "float32"), np.zeros((4, 1), "float32"))
+    >>> loss = regression_loss(net, torch.device("cpu"))
+    >>> float(loss(torch.zeros(2, 1), torch.tensor([1.0, 3.0])))
+    5.0
+    """
+    criterion = copy.deepcopy(net.criterion_).to(device)
+    criterion = getattr(criterion, "_orig_mod", criterion)
+
+    def loss_on_output_shape(output, y):
+        return criterion(output, y.reshape(output.shape).to(output.dtype))
+
+    return loss_on_output_shape
+
+
+def prediction_function(net: NeuralNet) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the net's ``predict_proba`` makes of a module output, as a function.
+
+    skorch applies the predict nonlinearity to the module's output, after
+    flattening it for a :class:`skorch.NeuralNetBinaryClassifier` (whose module
+    may return shape ``(n, 1)``). Evaluating a merge through this function
+    scores it exactly as its net will predict.
+
+    Parameters
+    ----------
+    net : skorch.NeuralNet
+        A fitted skorch net.
+
+    Returns
+    -------
+    predict : callable
+        Maps a module output to class probabilities (classifiers) or
+        predictions (regressors).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetBinaryClassifier
+    >>> from sk_softmerge._tasks import prediction_function
+    >>> net = NeuralNetBinaryClassifier(torch.nn.Linear, module__in_features=2,
+    ...     module__out_features=1, max_epochs=1, train_split=None, verbose=0)
+    >>> _ = net.fit(np.zeros((4, 2), "float32"), np.array([0.0, 1, 0, 1], "float32"))
+    >>> prediction_function(net)(torch.zeros(3, 1)).shape
+    torch.Size([3, 2])
+    """
+    nonlinearity = net._get_predict_nonlinearity()
+    if not isinstance(net, NeuralNetBinaryClassifier):
+        return nonlinearity
+
+    def flatten_then_nonlinearity(output):
+        return nonlinearity(output.reshape(-1))
+
+    return flatten_then_nonlinearity

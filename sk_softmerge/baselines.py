@@ -1,18 +1,24 @@
 """What a user would pick instead of a soft merge, with the same interface.
 
 Each baseline takes the same ``estimators`` as
-:class:`~sk_softmerge.SoftMergeClassifier` (fitted skorch classifiers) and
-``fit(X, y)`` on held-out data, which it uses only to choose among members:
+:class:`~sk_softmerge.SoftMergeClassifier` (fitted skorch classifiers) or
+:class:`~sk_softmerge.SoftMergeRegressor` (fitted skorch regressors) and
+``fit(X, y)`` on held-out data, which it uses only to choose among members,
+by accuracy for classifiers and by R^2 for regressors:
 
-- :class:`BestMemberClassifier`: the most accurate member on ``(X, y)``;
-- :class:`UniformSoupClassifier`: the plain average of all members' weights;
-- :class:`GreedySoupClassifier`: members added to an average in order of
-  accuracy while accuracy on ``(X, y)`` does not drop (Wortsman et al., 2022);
-- :class:`OutputEnsembleClassifier`: the average of the members' predicted
-  probabilities, one forward pass per member.
+- :class:`BestMemberClassifier`, :class:`BestMemberRegressor`: the best member
+  on ``(X, y)``;
+- :class:`UniformSoupClassifier`, :class:`UniformSoupRegressor`: the plain
+  average of all members' weights;
+- :class:`GreedySoupClassifier`, :class:`GreedySoupRegressor`: members added to
+  an average in order of score while the score on ``(X, y)`` does not drop
+  (Wortsman et al., 2022);
+- :class:`OutputEnsembleClassifier`, :class:`OutputEnsembleRegressor`: the
+  average of the members' predicted probabilities or predictions, one forward
+  pass per member.
 
-The first three predict with one net, ``merged_net_``. None of them changes the
-members.
+All but the output ensembles predict with one net, ``merged_net_``. None of
+them changes the members.
 
 References
 ----------
@@ -26,21 +32,30 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, _fit_context
 
-from ._base import MemberClassifierMixin
-from ._evaluation import correct_predictions, member_forward
+from ._base import MemberClassifierMixin, MemberRegressorMixin
+from ._evaluation import member_forward
 from ._merging import SoftMerge
-from ._nets import build_merged_net
+from ._tasks import prediction_function
 
 __all__ = [
     "BestMemberClassifier",
+    "BestMemberRegressor",
     "GreedySoupClassifier",
+    "GreedySoupRegressor",
     "OutputEnsembleClassifier",
+    "OutputEnsembleRegressor",
     "UniformSoupClassifier",
+    "UniformSoupRegressor",
 ]
 
 
-class _SoupBase(MemberClassifierMixin, BaseEstimator):
-    """Shared fit of the baselines: check members and data, score members."""
+class _SoupBase(BaseEstimator):
+    """Shared fit of the baselines: check members and data, score members.
+
+    A subclass puts a task mixin (``MemberClassifierMixin`` or
+    ``MemberRegressorMixin``) first, which supplies the data validation and the
+    score, and implements ``_build(nets, template, score)``.
+    """
 
     _parameter_constraints: dict = {"estimators": [list, tuple]}
 
@@ -55,8 +70,9 @@ class _SoupBase(MemberClassifierMixin, BaseEstimator):
         ----------
         X : array-like of shape (n_samples, ...)
             Held-out inputs, as the members take them.
-        y : array-like of shape (n_samples,)
-            Labels, each one of the members' classes.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Labels, each one of the members' classes, for classifiers;
+            targets, one per output of the members, for regressors.
 
         Returns
         -------
@@ -69,12 +85,13 @@ class _SoupBase(MemberClassifierMixin, BaseEstimator):
         template = copy.deepcopy(nets[0].module_).eval()
         device = next(template.parameters()).device
         X = torch.as_tensor(X, device=device)
+        with torch.no_grad():
+            self._check_targets(template(X[:2]), y)
         y = torch.as_tensor(y, device=device)
-        nonlinearity = nets[0]._get_predict_nonlinearity()
+        predict = prediction_function(nets[0])
 
         def score(forward):
-            correct = correct_predictions(forward, X, y, nonlinearity)
-            return -1.0 if correct is None else float(correct.mean())
+            return self._score_of(self._per_sample_losses(forward, X, y, predict))
 
         self._build(nets, template, score)
         return self
@@ -83,12 +100,47 @@ class _SoupBase(MemberClassifierMixin, BaseEstimator):
         # Stacking only the ingredients: a left-out member holding NaN would
         # otherwise spoil the average (0 * nan is nan).
         soup = SoftMerge([nets[i].module_ for i in ingredients])
-        return build_merged_net(
-            nets[ingredients[0]], soup.merged_state_dict(), self.classes_
+        return self._build_net(nets[ingredients[0]], soup.merged_state_dict())
+
+
+class _BestMember(_SoupBase):
+    def _build(self, nets, template, score):
+        self.scores_ = np.array(
+            [score(member_forward(template, net.module_)) for net in nets]
         )
+        self.best_index_ = int(np.argmax(self.scores_))
+        best = nets[self.best_index_]
+        self.merged_net_ = self._build_net(best, best.module_.state_dict())
 
 
-class BestMemberClassifier(_SoupBase):
+class _UniformSoup(_SoupBase):
+    def _build(self, nets, template, score):
+        self.merged_net_ = self._soup(nets, list(range(len(nets))))
+
+
+class _GreedySoup(_SoupBase):
+    def _build(self, nets, template, score):
+        def soup_score(ingredients):
+            soup = SoftMerge([nets[i].module_ for i in ingredients]).eval()
+            return score(soup)
+
+        member_scores = [score(member_forward(template, net.module_)) for net in nets]
+        order = np.argsort(member_scores, kind="stable")[::-1].tolist()
+        self.ingredients_, self.score_ = [order[0]], soup_score([order[0]])
+        for candidate in order[1:]:
+            trial = soup_score([*self.ingredients_, candidate])
+            if trial >= self.score_:
+                self.ingredients_.append(candidate)
+                self.score_ = trial
+        self.merged_net_ = self._soup(nets, self.ingredients_)
+
+
+class _OutputEnsemble(_SoupBase):
+    def _build(self, nets, template, score):
+        self.estimators_ = [copy.deepcopy(net) for net in nets]
+
+
+class BestMemberClassifier(MemberClassifierMixin, _BestMember):
     """The member most accurate on the data passed to ``fit``.
 
     Parameters
@@ -123,18 +175,8 @@ class BestMemberClassifier(_SoupBase):
     1
     """
 
-    def _build(self, nets, template, score):
-        self.scores_ = np.array(
-            [score(member_forward(template, net.module_)) for net in nets]
-        )
-        self.best_index_ = int(np.argmax(self.scores_))
-        best = nets[self.best_index_]
-        self.merged_net_ = build_merged_net(
-            best, best.module_.state_dict(), self.classes_
-        )
 
-
-class UniformSoupClassifier(_SoupBase):
+class UniformSoupClassifier(MemberClassifierMixin, _UniformSoup):
     """The plain average of all members' weights (a "uniform soup").
 
     ``fit`` uses its data only to check it; no member is left out, so a member
@@ -169,11 +211,8 @@ class UniformSoupClassifier(_SoupBase):
     True
     """
 
-    def _build(self, nets, template, score):
-        self.merged_net_ = self._soup(nets, list(range(len(nets))))
 
-
-class GreedySoupClassifier(_SoupBase):
+class GreedySoupClassifier(MemberClassifierMixin, _GreedySoup):
     """Greedy soup: add members by accuracy while the soup's accuracy holds.
 
     Members are ranked by accuracy on the ``fit`` data; starting from the best,
@@ -211,23 +250,8 @@ class GreedySoupClassifier(_SoupBase):
     1
     """
 
-    def _build(self, nets, template, score):
-        def soup_score(ingredients):
-            soup = SoftMerge([nets[i].module_ for i in ingredients]).eval()
-            return score(soup)
 
-        member_scores = [score(member_forward(template, net.module_)) for net in nets]
-        order = np.argsort(member_scores, kind="stable")[::-1].tolist()
-        self.ingredients_, self.score_ = [order[0]], soup_score([order[0]])
-        for candidate in order[1:]:
-            trial = soup_score([*self.ingredients_, candidate])
-            if trial >= self.score_:
-                self.ingredients_.append(candidate)
-                self.score_ = trial
-        self.merged_net_ = self._soup(nets, self.ingredients_)
-
-
-class OutputEnsembleClassifier(_SoupBase):
+class OutputEnsembleClassifier(MemberClassifierMixin, _OutputEnsemble):
     """Average of the members' predicted probabilities: K forward passes.
 
     ``fit`` keeps copies of the members, so predicting never runs (and so never
@@ -261,9 +285,6 @@ class OutputEnsembleClassifier(_SoupBase):
     (2, 2)
     """
 
-    def _build(self, nets, template, score):
-        self.estimators_ = [copy.deepcopy(net) for net in nets]
-
     def predict_proba(self, X):
         """Mean of the members' predicted probabilities.
 
@@ -278,3 +299,164 @@ class OutputEnsembleClassifier(_SoupBase):
         """
         X = self._validate_predict_data(X)
         return np.mean([net.predict_proba(X) for net in self.estimators_], axis=0)
+
+
+class BestMemberRegressor(MemberRegressorMixin, _BestMember):
+    """The member with the highest R^2 on the data passed to ``fit``.
+
+    Parameters
+    ----------
+    estimators : list of skorch nets
+        Fitted skorch regressors (or ``FrozenEstimator`` of them).
+
+    Attributes
+    ----------
+    scores_ : ndarray of shape (n_estimators,)
+        R^2 of every member on the ``fit`` data (``-inf`` when a member's
+        predictions are not finite).
+    best_index_ : int
+        Position of the chosen member.
+    merged_net_ : skorch net
+        A copy of the chosen member.
+    n_outputs_ : int
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetRegressor
+    >>> from sk_softmerge.baselines import BestMemberRegressor
+    >>> X = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+    >>> y = X[:, :1] - X[:, 1:]
+    >>> nets = [NeuralNetRegressor(torch.nn.Linear, module__in_features=2,
+    ...     module__out_features=1, lr=0.1, max_epochs=e, train_split=None,
+    ...     verbose=0).fit(X, y) for e in (1, 50)]
+    >>> BestMemberRegressor(nets).fit(X, y).best_index_
+    1
+    """
+
+
+class UniformSoupRegressor(MemberRegressorMixin, _UniformSoup):
+    """The plain average of all members' weights (a "uniform soup").
+
+    ``fit`` uses its data only to check it; no member is left out, so a member
+    holding NaN spoils the soup, as it would for a user averaging by hand.
+
+    Parameters
+    ----------
+    estimators : list of skorch nets
+        Fitted skorch regressors (or ``FrozenEstimator`` of them) of one
+        architecture.
+
+    Attributes
+    ----------
+    merged_net_ : skorch net
+        The averaged net; buffers come from the first member.
+    n_outputs_ : int
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetRegressor
+    >>> from sk_softmerge.baselines import UniformSoupRegressor
+    >>> X = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+    >>> y = X[:, :1] - X[:, 1:]
+    >>> nets = [NeuralNetRegressor(torch.nn.Linear, module__in_features=2,
+    ...     module__out_features=1, max_epochs=5, train_split=None,
+    ...     verbose=0).fit(X, y) for _ in range(3)]
+    >>> soup = UniformSoupRegressor(nets).fit(X, y)
+    >>> average = sum(n.module_.weight for n in nets) / 3
+    >>> torch.allclose(soup.merged_net_.module_.weight, average)
+    True
+    """
+
+
+class GreedySoupRegressor(MemberRegressorMixin, _GreedySoup):
+    """Greedy soup: add members by R^2 while the soup's R^2 holds.
+
+    Members are ranked by R^2 on the ``fit`` data; starting from the best, each
+    next member joins the average if the soup's R^2 on that data does not drop
+    (Wortsman et al., 2022).
+
+    Parameters
+    ----------
+    estimators : list of skorch nets
+        Fitted skorch regressors (or ``FrozenEstimator`` of them) of one
+        architecture.
+
+    Attributes
+    ----------
+    ingredients_ : list of int
+        Positions of the members in the soup, in the order they joined.
+    score_ : float
+        R^2 of the soup on the ``fit`` data.
+    merged_net_ : skorch net
+        The soup; buffers come from the first member.
+    n_outputs_ : int
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetRegressor
+    >>> from sk_softmerge.baselines import GreedySoupRegressor
+    >>> X = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+    >>> y = X[:, :1] - X[:, 1:]
+    >>> nets = [NeuralNetRegressor(torch.nn.Linear, module__in_features=2,
+    ...     module__out_features=1, lr=0.1, max_epochs=e, train_split=None,
+    ...     verbose=0).fit(X, y) for e in (1, 50)]
+    >>> GreedySoupRegressor(nets).fit(X, y).ingredients_[0]
+    1
+    """
+
+
+class OutputEnsembleRegressor(MemberRegressorMixin, _OutputEnsemble):
+    """Average of the members' predictions: K forward passes.
+
+    ``fit`` keeps copies of the members, so predicting never runs (and so never
+    switches to eval mode) the user's nets.
+
+    Parameters
+    ----------
+    estimators : list of skorch nets
+        Fitted skorch regressors (or ``FrozenEstimator`` of them).
+
+    Attributes
+    ----------
+    estimators_ : list of skorch nets
+        Copies of the members.
+    n_outputs_ : int
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetRegressor
+    >>> from sk_softmerge.baselines import OutputEnsembleRegressor
+    >>> X = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+    >>> y = X[:, 0] - X[:, 1]
+    >>> nets = [NeuralNetRegressor(torch.nn.Linear, module__in_features=2,
+    ...     module__out_features=1, max_epochs=5, train_split=None,
+    ...     verbose=0).fit(X, y[:, None]) for _ in range(3)]
+    >>> ensemble = OutputEnsembleRegressor(nets).fit(X, y)
+    >>> ensemble.predict(X[:2]).shape
+    (2,)
+    """
+
+    def predict(self, X):
+        """Mean of the members' predictions.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+            Inputs, with the shape seen during ``fit``.
+
+        Returns
+        -------
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            Of the shape of the ``y`` passed to ``fit``.
+        """
+        X = self._validate_predict_data(X)
+        mean = np.mean([net.predict(X) for net in self.estimators_], axis=0)
+        return self._predict_outputs(mean)

@@ -5,8 +5,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from skorch import NeuralNetClassifier
+from sklearn.datasets import load_diabetes, load_digits
+from skorch import NeuralNetClassifier, NeuralNetRegressor
 
 N_HIDDEN = 16
 
@@ -44,6 +44,47 @@ def forked_members(X, y, n_members=3, seed=0, softmax=False, **net_params):
         sample = rng.integers(0, len(X), len(X))
         members.append(member.partial_fit(X[sample], y[sample]))
     return members
+
+
+def forked_regressors(X, y, n_members=3, seed=0, **net_params):
+    """Regressors forked from one short shared training, each on a bootstrap.
+
+    ``y`` of shape (n_samples, n_outputs) sets the number of outputs.
+    """
+    torch.manual_seed(seed)
+    params = dict(
+        optimizer=torch.optim.SGD,
+        lr=0.05,
+        max_epochs=5,
+        batch_size=32,
+        train_split=None,
+        verbose=0,
+    )
+    params.update(net_params)
+    module = make_module(X.shape[1], y.shape[1])
+    shared = NeuralNetRegressor(module, **params).fit(X, y)
+    rng = np.random.default_rng(seed)
+    members = []
+    for _ in range(n_members):
+        member = copy.deepcopy(shared).set_params(max_epochs=10)
+        sample = rng.integers(0, len(X), len(X))
+        members.append(member.partial_fit(X[sample], y[sample]))
+    return members
+
+
+@pytest.fixture(scope="session")
+def diabetes():
+    """Diabetes with standardised features and target, float32; y of shape (n,)."""
+    X, y = load_diabetes(return_X_y=True)
+    X = (X - X.mean(0)) / X.std(0)
+    y = (y - y.mean()) / y.std()
+    return X.astype(np.float32), y.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def regressors(diabetes):
+    X, y = diabetes
+    return forked_regressors(X, y[:, None])
 
 
 @pytest.fixture(scope="session")

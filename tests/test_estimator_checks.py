@@ -1,16 +1,17 @@
 """scikit-learn's common estimator checks.
 
-The members are nets with a fixed input width (3 features) and fixed classes
-(0, 1, 2), so every check that feeds another width or other labels cannot pass;
-each is listed with its reason.
+The members are nets with a fixed input width (3 features), fixed classes
+(0, 1, 2) for the classifiers and one output for the regressors, so every check
+that feeds another width, other labels or several targets cannot pass; each is
+listed with its reason.
 """
 
 import numpy as np
 import torch
 from sklearn.utils.estimator_checks import parametrize_with_checks
-from skorch import NeuralNetClassifier
+from skorch import NeuralNetClassifier, NeuralNetRegressor
 
-from sk_softmerge import SoftMergeClassifier
+from sk_softmerge import SoftMergeClassifier, SoftMergeRegressor
 
 N_FEATURES, N_CLASSES = 3, 3
 
@@ -30,6 +31,17 @@ def _member(seed):
         train_split=None,
         verbose=0,
     ).fit(X, y)
+
+
+def _regressor(seed):
+    torch.manual_seed(seed)
+    X = np.random.default_rng(seed).normal(size=(60, N_FEATURES)).astype(np.float32)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(N_FEATURES, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+    )
+    return NeuralNetRegressor(module, max_epochs=2, train_split=None, verbose=0).fit(
+        X, X.sum(1, keepdims=True)
+    )
 
 
 WIDTH = f"the members take exactly {N_FEATURES} features; the check feeds another width"
@@ -54,11 +66,42 @@ EXPECTED_FAILED = {
         "present in y"
     ),
 }
+EXPECTED_FAILED_REGRESSOR = {
+    "check_estimators_overwrite_params": WIDTH,
+    "check_estimators_fit_returns_self": WIDTH,
+    "check_readonly_memmap_input": WIDTH,
+    "check_n_features_in_after_fitting": WIDTH,
+    "check_positive_only_tag_during_fit": WIDTH,
+    "check_estimators_dtypes": WIDTH,
+    "check_dtype_object": WIDTH,
+    "check_regressors_train": WIDTH,
+    "check_regressor_data_not_an_array": WIDTH,
+    "check_regressor_multioutput": (
+        WIDTH + "; and the members have one output, the check's y several"
+    ),
+    "check_regressors_no_decision_function": WIDTH,
+    "check_regressors_int": WIDTH,
+    "check_fit2d_1feature": WIDTH,
+    "check_fit_idempotent": WIDTH,
+    "check_fit_check_is_fitted": WIDTH,
+    "check_n_features_in": WIDTH,
+}
+
+
+def _expected_failed(estimator):
+    if isinstance(estimator, SoftMergeRegressor):
+        return EXPECTED_FAILED_REGRESSOR
+    return EXPECTED_FAILED
 
 
 @parametrize_with_checks(
-    [SoftMergeClassifier([_member(0), _member(1)], max_epochs=2, random_state=0)],
-    expected_failed_checks=lambda estimator: EXPECTED_FAILED,
+    [
+        SoftMergeClassifier([_member(0), _member(1)], max_epochs=2, random_state=0),
+        SoftMergeRegressor(
+            [_regressor(0), _regressor(1)], max_epochs=2, random_state=0
+        ),
+    ],
+    expected_failed_checks=_expected_failed,
     xfail_strict=True,
 )
 def test_sklearn_compatible(estimator, check):

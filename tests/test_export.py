@@ -364,7 +364,8 @@ class TestBadFiles:
             ("criterion", "Module", "net.criterion='Module'; expected the class name"),
             ("criterion", "os.system", "net.criterion='os.system'"),
             ("predict_nonlinearity", "sigmoid", "net.predict_nonlinearity='sigmoid'"),
-            ("class", "NeuralNetRegressor", "net.class='NeuralNetRegressor'"),
+            ("class", "NeuralNet", "net.class='NeuralNet'"),
+            ("class", "NeuralNetRegressor", "classes=.*expected null for a Neura"),
             ("batch_size", 0, "net.batch_size=0"),
         ],
     )

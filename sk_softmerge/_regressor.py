@@ -1,0 +1,160 @@
+"""scikit-learn glue around the merging core: :class:`SoftMergeRegressor`."""
+
+from ._base import MemberRegressorMixin
+from ._estimator import _SoftMergeBase
+
+
+class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
+    """Merge fitted skorch regressors into one net with learned L0 gates.
+
+    The regression counterpart of :class:`SoftMergeClassifier`, with the same
+    parameters, gates and fitted attributes: each member's weights are kept as
+    they are; one hard-concrete gate per member and merge unit decides how much
+    the member contributes to that unit of the merged net, whose weights are
+    the gate-weighted average of the members'. Only the gates are trained, on
+    the members' own criterion (``MSELoss`` unless they were trained with
+    another) plus an L0 penalty. After fit, the merged weights are materialised
+    once in ``merged_net_``, so predicting costs one forward pass of one net.
+
+    Parameters
+    ----------
+    estimators : list of skorch nets
+        At least two fitted skorch ``NeuralNetRegressor`` nets of one
+        architecture, or such nets wrapped in
+        :class:`~sklearn.frozen.FrozenEstimator`. They are never moved,
+        modified or re-fitted; ``clone`` keeps them fitted.
+    l0_weight : float, default=1e-2
+        Weight of the mean expected L0 norm of the gates in the objective.
+        Larger values close more gates; ``0`` disables the penalty.
+    max_epochs : int, default=20
+        Passes over the training data.
+    lr : float, default=5e-2
+        Adam learning rate of the gates' log-alphas.
+    batch_size : int, default=128
+        Samples per gradient step.
+    granularity : {"layer", "tensor", "neuron"}, default="layer"
+        What a gate covers: all parameters of a module (``"layer"``), one
+        parameter tensor (``"tensor"``), or one output unit or channel of a
+        module with its bias (``"neuron"``).
+    merge : None, str or list of str, default=None
+        Name patterns (shell-style, as in :mod:`fnmatch`) of the modules or
+        parameters to merge; the rest is copied from the reference member.
+        ``None`` merges everything.
+    validation_fraction : float, default=0.2
+        Fraction of ``(X, y)`` held out, at random, to compare the merge with
+        every member and with uniform weight averaging. When one of them has a
+        significantly lower squared error than the merge there (see Notes),
+        ``fit`` warns and falls back to it; a member is then reproduced
+        exactly. ``0`` trains on all data and compares nothing.
+    align : {None, "weight_matching"}, default=None
+        ``None`` assumes the members share one basin (forked from one training,
+        or fine-tuned from one checkpoint). ``"weight_matching"`` first permutes
+        the hidden units of copies of the members to match the first member;
+        see :func:`~sk_softmerge.align_modules`.
+    device : str, default="auto"
+        Where the gates are learned: ``"auto"`` (CUDA when available), ``"cpu"``,
+        ``"cuda"`` or ``"cuda:N"``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the split, shuffling and gate noise; an int makes ``fit``
+        repeatable.
+    verbose : int, default=0
+        Above zero, show a progress bar with the loss and the open gates.
+
+    Attributes
+    ----------
+    n_outputs_ : int
+        Number of targets per sample (``1`` for a ``y`` of shape
+        ``(n_samples,)``).
+    n_features_in_ : int
+        Number of features seen during ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during ``fit``, when ``X`` has string column
+        names.
+    gates_ : ndarray of shape (n_estimators, n_units)
+        Deterministic gate of every member on every merged unit, in ``[0, 1]``,
+        for the merge in ``merged_net_`` (one-hot after a fallback to a member,
+        all ones after a fallback to the uniform average, zeros for excluded
+        members).
+    unit_names_ : list of str
+        Name of every merged unit.
+    merged_net_ : skorch net
+        A fitted ``NeuralNetRegressor`` of the members' parameters holding the
+        merged weights; it can be used on its own (it predicts shape
+        ``(n_samples, n_outputs)``, as skorch regressors do).
+    validation_scores_ : dict of str to float or None
+        Validation R^2 of ``"soft merge"``, ``"uniform average"`` and every
+        ``"member i"`` that was not excluded (``-inf`` for a candidate whose
+        predictions are not finite); ``None`` when ``validation_fraction=0``.
+    selected_ : str
+        Which candidate ``merged_net_`` holds: ``"soft merge"`` unless ``fit``
+        fell back.
+    excluded_estimators_ : list of int
+        Members left out because they hold NaN or inf.
+    screened_ : ndarray of shape (n_estimators, n_units), dtype bool
+        Gates that started closed because the member's weights on that unit lie
+        far from every other member's.
+    loss_curve_ : list of float
+        Mean training objective per epoch.
+    validation_loss_curve_ : list of float
+        Task loss of the merge on the validation data before training and after
+        every epoch; empty when ``validation_fraction=0``.
+    start_ : str
+        Where gate learning started: ``"average"`` (the average of the members
+        whose gates start open) or ``"member i"`` alone (see Notes).
+    best_epoch_ : int
+        Epoch whose gates were kept: the one with the lowest validation loss
+        (``0``: the start); the last epoch without validation.
+    n_iter_ : int
+        Number of epochs run.
+
+    See Also
+    --------
+    SoftMergeClassifier : The same merge for skorch classifiers; its Notes
+        describe the gates, training, screening and references.
+    sklearn.ensemble.VotingRegressor : Averages the members' predictions, at
+        the cost of one forward pass per member.
+
+    Notes
+    -----
+    Gates, training, the exclusion of members holding NaN or inf and the
+    screening of extreme members are those of :class:`SoftMergeClassifier`.
+
+    *Targets.* ``y`` of shape ``(n_samples,)`` or ``(n_samples, n_outputs)``
+    needs one target per value that the members' module outputs per sample.
+    ``predict`` returns the shape of the ``y`` seen in ``fit``, as scikit-learn
+    regressors do; ``score`` is the coefficient of determination R^2 (averaged
+    uniformly over outputs).
+
+    *Validation.* On the held-out part, the merge is compared with the uniform
+    average and every member by their squared errors on the same samples, each
+    output's error divided by the variance of its targets (so that one minus
+    the mean is R^2). With ``d`` the merge's error minus a candidate's, sample
+    by sample, the candidate replaces the merge only if ``sum(d)`` exceeds
+    twice ``sqrt(sum(d ** 2))``: a one-sided paired test of the differences at
+    two sigma, the test that the classifier's McNemar test is for 0/1 errors.
+    Validation data that the members were trained on favours them.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from sklearn.datasets import load_diabetes
+    >>> from skorch import NeuralNetRegressor
+    >>> from sk_softmerge import SoftMergeRegressor
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
+    >>> y = ((y - y.mean()) / y.std()).astype(np.float32)
+    >>> def member(seed):
+    ...     torch.manual_seed(seed)
+    ...     module = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(),
+    ...                                  torch.nn.Linear(16, 1))
+    ...     return NeuralNetRegressor(module, max_epochs=20, lr=0.05,
+    ...                               verbose=0).fit(X, y[:, None])
+    >>> merge = SoftMergeRegressor([member(0), member(0)], max_epochs=5,
+    ...                            random_state=0).fit(X, y)
+    >>> merge.gates_.shape
+    (2, 2)
+    >>> merge.predict(X[:3]).shape
+    (3,)
+    >>> merge.score(X, y) > 0.3
+    True
+    """
