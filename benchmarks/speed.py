@@ -391,7 +391,7 @@ def report(epochs, predicts, memories, settings, command):
         "down tenfold from thread contention, which is why the recorded run "
         "used `--threads 1`.",
         "",
-        "`benchmarks/gpu_check.py` has not been run on a GPU yet.",
+        "GPU: see the GPU check section below (`benchmarks/gpu_check.py`).",
         END,
     ]
     return "\n".join(lines) + "\n"

@@ -136,7 +136,7 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
     probabilities) plus ``l0_weight`` times the mean expected L0 norm of all gates;
     dividing by the number of gates keeps one scale of ``l0_weight`` for every
     architecture and number of members. With validation data, the gates of the epoch
-    with the lowest validation loss are kept, the initial uniform average included.
+    with the lowest validation loss are kept, the start included.
 
     *Choosing l0_weight.* ``0`` lets the task loss alone decide; the default
     ``1e-2`` barely closes a gate that the loss does not need; ``0.1`` closes

@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from skorch import NeuralNetRegressor
 
+import sk_softmerge._estimator
 from sk_softmerge import SoftMergeClassifier, SoftMergeRegressor, load_merged
 from sk_softmerge._tasks import regression_loss
 from sk_softmerge.baselines import (
@@ -179,8 +180,12 @@ class TestValidation:
         curve = merge.validation_loss_curve_
         assert curve[merge.best_epoch_] == min(curve)
 
-    def test_falls_back_to_the_good_member_exactly(self, split):
+    def test_falls_back_to_the_good_member_exactly(self, split, monkeypatch):
         X_train, X_test, y_train, _ = split
+        # Started from the average, which is far worse than the good member.
+        monkeypatch.setattr(
+            sk_softmerge._estimator, "warm_start", lambda *args, **kwargs: None
+        )
         good = forked_regressors(X_train, y_train[:, None], n_members=1, seed=2)[0]
         # Independently initialised, barely trained members: averaging them
         # with the good one cannot beat it.
@@ -198,6 +203,20 @@ class TestValidation:
         np.testing.assert_array_equal(merge.predict(X_test), good.predict(X_test)[:, 0])
         scores = merge.validation_scores_
         assert scores["member 1"] > scores["soft merge"]
+
+    def test_starts_from_the_good_member(self, split):
+        X_train, X_test, y_train, _ = split
+        good = forked_regressors(X_train, y_train[:, None], n_members=1, seed=2)[0]
+        weak = forked_regressors(
+            X_train, y_train[:, None], n_members=1, seed=3, lr=1e-4
+        )[0]
+        merge = SoftMergeRegressor([weak, good], max_epochs=1, lr=1e-6, random_state=0)
+        merge = fit_quietly(merge, X_train, y_train)
+        assert merge.start_ == "member 1"
+        np.testing.assert_array_equal(merge.gates_, np.eye(2)[[1]].repeat(2, 0).T)
+        np.testing.assert_allclose(
+            merge.predict(X_test), good.predict(X_test)[:, 0], rtol=1e-5, atol=1e-6
+        )
 
     @pytest.mark.parametrize("how", ["nan", "inf"])
     def test_non_finite_member_excluded(self, regressors, diabetes, how):
