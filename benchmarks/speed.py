@@ -187,7 +187,7 @@ def epoch_times(arch, module_class, data, members, n_epochs, repeats):
     return rows
 
 
-def predict_times(arch, data, members, repeats, n_calls=5):
+def predict_times(arch, data, members, repeats, n_calls=10):
     X, y, X_test = data
     merged = SoftMergeClassifier(
         members[:5], max_epochs=1, batch_size=BATCH_SIZE, device="cpu", random_state=0
@@ -415,7 +415,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    n_epochs, repeats, predict_repeats = (1, 1, 1) if args.quick else (5, 3, 5)
+    n_epochs, repeats, predict_repeats = (1, 1, 1) if args.quick else (5, 3, 11)
 
     data = load_mnist1d()
     archs = {"MLP": MLP, "CNN": CNN}

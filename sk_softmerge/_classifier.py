@@ -101,7 +101,8 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         whose gates start open) or ``"member i"`` alone (see Notes).
     best_epoch_ : int
         Epoch whose gates were kept: the one with the lowest validation loss
-        (``0``: the start); the last epoch without validation.
+        if significantly lower than the start's, else ``0`` (the start); the
+        last epoch without validation.
     n_iter_ : int
         Number of epochs run.
 
@@ -136,7 +137,11 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
     probabilities) plus ``l0_weight`` times the mean expected L0 norm of all gates;
     dividing by the number of gates keeps one scale of ``l0_weight`` for every
     architecture and number of members. With validation data, the gates of the epoch
-    with the lowest validation loss are kept, the start included.
+    with the lowest validation loss are kept if their per-sample validation losses
+    are significantly lower than the start's (the one-sided paired test of
+    *Validation* below, on the task loss); otherwise the start is kept. Members that
+    share a basin often gain too little over their average for a validation set to
+    tell, and then the merge is that average.
 
     *Choosing l0_weight.* ``0`` lets the task loss alone decide; the default
     ``1e-2`` barely closes a gate that the loss does not need; ``0.1`` closes

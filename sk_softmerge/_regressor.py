@@ -103,7 +103,8 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         whose gates start open) or ``"member i"`` alone (see Notes).
     best_epoch_ : int
         Epoch whose gates were kept: the one with the lowest validation loss
-        (``0``: the start); the last epoch without validation.
+        if significantly lower than the start's, else ``0`` (the start); the
+        last epoch without validation.
     n_iter_ : int
         Number of epochs run.
 

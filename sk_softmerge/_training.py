@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from ._gates import logistic_noise
+from ._evaluation import choose_lowest_loss
+from ._gates import deterministic_z, logistic_noise
 from ._merging import SoftMerge
 
 
@@ -23,7 +24,8 @@ class GateTraining:
         Task loss of the deterministic merge on the validation data, before
         training (first entry) and after every epoch; empty without validation.
     best_epoch : int
-        Epoch whose gates were kept (0: the initial gates).
+        Epoch whose gates were kept (0: the initial gates, also when no epoch
+        was significantly better on the validation data).
     """
 
     loss_curve: list[float] = field(default_factory=list)
@@ -58,6 +60,9 @@ def learn_gates(
     measured before training and after every epoch, and the log-alphas of the
     best epoch are restored at the end (early stopping without stopping): gates
     that only fit the training data, which the members have seen, are dropped.
+    The best epoch is kept only if its per-sample validation losses are
+    significantly lower than those of the start (a one-sided paired test at
+    ``SIGNIFICANCE`` standard deviations); otherwise the start is restored.
 
     Parameters
     ----------
@@ -107,7 +112,8 @@ def learn_gates(
     batch_sizes[-1] = n_samples - (n_batches - 1) * batch_size
     result = GateTraining()
     if validation is not None:
-        best_log_alpha = log_alpha.detach().clone()
+        start_log_alpha = log_alpha.detach().clone()
+        best_log_alpha = start_log_alpha.clone()
         result.validation_loss_curve.append(_task_loss(merger, loss_fn, *validation))
     epochs = tqdm(
         range(max_epochs), desc="learning gates", unit="epoch", disable=verbose <= 0
@@ -154,10 +160,43 @@ def learn_gates(
             epochs.set_postfix(postfix)
     if validation is None:
         result.best_epoch = len(result.loss_curve)
-    else:
-        with torch.no_grad():
-            log_alpha.copy_(best_log_alpha)
+        return result
+    if result.best_epoch > 0 and not _significantly_better(
+        merger, loss_fn, *validation, best_log_alpha, start_log_alpha
+    ):
+        best_log_alpha, result.best_epoch = start_log_alpha, 0
+    with torch.no_grad():
+        log_alpha.copy_(best_log_alpha)
     return result
+
+
+@torch.no_grad()
+def _significantly_better(merger, loss_fn, X, y, log_alpha, start_log_alpha):
+    """Whether gates ``log_alpha`` beat the start significantly on ``(X, y)``.
+
+    The one-sided paired test of :func:`~sk_softmerge._evaluation.choose_lowest_loss`
+    on per-sample task losses: a validation loss lower by less than the noise
+    of the validation sample is no reason to leave the start.
+    """
+    losses = {}
+    for name, value in (("start", start_log_alpha), ("trained", log_alpha)):
+        losses[name] = _per_sample_losses(
+            merger, loss_fn, X, y, gates=deterministic_z(value)
+        )
+    return choose_lowest_loss(losses, "start") == "trained"
+
+
+def _per_sample_losses(merger, loss_fn, X, y, gates, batch_size=1024):
+    """Task loss of every sample (``loss_fn`` on a batch of one, vectorised);
+    ``None`` when some loss is not finite."""
+    per_sample = torch.func.vmap(lambda out, t: loss_fn(out[None], t[None]))
+    losses = torch.cat(
+        [
+            per_sample(merger(X[batch], gates=gates), y[batch])
+            for batch in torch.arange(X.shape[0], device=X.device).split(batch_size)
+        ]
+    )
+    return losses.cpu().numpy() if torch.isfinite(losses).all() else None
 
 
 @torch.no_grad()
@@ -169,7 +208,7 @@ def warm_start(
     members: Sequence[int],
     log_alpha: float = 3.0,
 ) -> int | None:
-    """Start the gates from the member alone, or the merge, with the lowest loss.
+    """Start the gates from one member alone if it beats the current merge.
 
     Gate descent finds a local optimum near its start. The average of members
     that share a basin is usually a better start than any of them, but the
@@ -177,11 +216,17 @@ def warm_start(
     worse than each: there, starting from the best member keeps the descent
     where the members are good.
 
+    A member replaces the current gates only when its per-sample losses are
+    significantly lower (the one-sided paired test of
+    :func:`~sk_softmerge._evaluation.choose_lowest_loss`), so that a member
+    that is merely more confident than the average, not more accurate, does
+    not take the start from it.
+
     Parameters
     ----------
     merger : SoftMerge
-        Its current deterministic gates are the first candidate; when a member
-        has a lower loss, its gates are set to ``log_alpha`` and every other
+        Its current deterministic gates are the default; when a member
+        beats them, its gates are set to ``log_alpha`` and every other
         gate to ``-log_alpha``.
     loss_fn : callable
         ``loss_fn(output, y)`` returning the mean task loss.
@@ -195,8 +240,7 @@ def warm_start(
     Returns
     -------
     member : int or None
-        The member the gates start from; ``None`` keeps the current gates,
-        which also win ties.
+        The member the gates start from; ``None`` keeps the current gates.
 
     Examples
     --------
@@ -216,15 +260,15 @@ def warm_start(
             [1.]])
     """
     current = merger.gates()
-    losses = [_task_loss(merger, loss_fn, X, y, gates=current)]
+    losses = {"current": _per_sample_losses(merger, loss_fn, X, y, gates=current)}
     for k in members:
         alone = torch.zeros_like(current)
         alone[k] = 1.0
-        losses.append(_task_loss(merger, loss_fn, X, y, gates=alone))
-    best = min(range(len(losses)), key=losses.__getitem__)
-    if best == 0:
+        losses[str(k)] = _per_sample_losses(merger, loss_fn, X, y, gates=alone)
+    chosen = choose_lowest_loss(losses, "current")
+    if chosen == "current":
         return None
-    member = members[best - 1]
+    member = int(chosen)
     merger.log_alpha.fill_(-log_alpha)
     merger.log_alpha[member] = log_alpha
     return member

@@ -64,7 +64,9 @@ class TestValidationFallback:
         merge = fit_quietly(SoftMergeClassifier(clean, **FIT), X_train, y_train)
         curve = merge.validation_loss_curve_
         assert len(curve) == FIT["max_epochs"] + 1
-        assert curve[merge.best_epoch_] == min(curve)
+        # The epoch of lowest validation loss, or the start when that epoch is
+        # not significantly better.
+        assert merge.best_epoch_ in (0, int(np.argmin(curve)))
         if merge.selected_ == "soft merge" and merge.best_epoch_ > 0:
             kept = SoftMergeClassifier(
                 clean, **{**FIT, "max_epochs": merge.best_epoch_}

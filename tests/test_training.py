@@ -65,3 +65,42 @@ def test_warm_start_only_considers_the_members_given():
     loss = torch.nn.functional.mse_loss
     assert warm_start(merger, loss, X, X, members=[0, 2], log_alpha=2.0) == 2
     assert merger.log_alpha[:, 0].tolist() == [-2.0, -2.0, 2.0]
+
+
+class TestValidationKeepsSignificantGainsOnly:
+    @pytest.fixture
+    def task(self):
+        torch.manual_seed(0)
+        X = torch.randn(400, 1)
+        good, bad = _linear(1.0), _linear(-1.0)
+        return [bad, good], X, X.clone()
+
+    def _learn(self, members, X, y, n_validation):
+        merger = SoftMerge(members)
+        start = merger.log_alpha.detach().clone()
+        result = learn_gates(
+            merger,
+            torch.nn.functional.mse_loss,
+            X,
+            y,
+            l0_weight=0.0,
+            max_epochs=5,
+            lr=0.2,
+            generator=torch.Generator().manual_seed(0),
+            validation=(X[:n_validation], y[:n_validation]),
+        )
+        return merger, start, result
+
+    def test_clear_gain_is_kept(self, task):
+        members, X, y = task
+        merger, _, result = self._learn(members, X, y, n_validation=200)
+        assert result.best_epoch > 0
+        assert merger.gates()[0, 0] < merger.gates()[1, 0]
+
+    def test_gain_too_small_to_tell_restores_the_start(self, task):
+        # On one validation sample no difference is significant.
+        members, X, y = task
+        merger, start, result = self._learn(members, X, y, n_validation=1)
+        assert result.best_epoch == 0
+        assert torch.equal(merger.log_alpha.detach(), start)
+        assert min(result.validation_loss_curve[1:]) < result.validation_loss_curve[0]
