@@ -53,7 +53,8 @@ class _MemberMixin:
     def _validate_predict_data(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
-        return X.astype(self._input_dtype, copy=False)
+        # A read-only view (of a pandas frame, say) would make torch warn.
+        return np.require(X, dtype=self._input_dtype, requirements="W")
 
     def _check_targets(self, output: torch.Tensor, y: np.ndarray) -> None:
         """Check ``y`` against the members' output on two samples; no-op here."""

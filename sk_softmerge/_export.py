@@ -240,7 +240,8 @@ def load_merged(
     >>> members = [NeuralNetClassifier(mlp, criterion=torch.nn.CrossEntropyLoss,
     ...                                max_epochs=5, lr=0.1, verbose=0).fit(X, y)
     ...            for _ in range(2)]
-    >>> merge = SoftMergeClassifier(members, max_epochs=2, random_state=0).fit(X, y)
+    >>> merge = SoftMergeClassifier(members, max_epochs=2, validation_fraction=0,
+    ...                             random_state=0).fit(X, y)
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     path = Path(folder) / "merged.safetensors"
     ...     _ = merge.save_merged(path)
