@@ -171,6 +171,7 @@ class _SoftMergeBase(BaseEstimator):
                 *(validation or (X_train, y_train)),
                 members=sound.flatten().tolist(),
                 log_alpha=INIT_LOG_ALPHA,
+                generator=generator,
             )
         self.start_ = AVERAGE if start is None else f"member {kept[start]}"
         training = learn_gates(

@@ -207,6 +207,8 @@ def warm_start(
     y: torch.Tensor,
     members: Sequence[int],
     log_alpha: float = 3.0,
+    max_samples: int = 2048,
+    generator: torch.Generator | None = None,
 ) -> int | None:
     """Start the gates from one member alone if it beats the current merge.
 
@@ -236,6 +238,12 @@ def warm_start(
         Rows of the members that may be a start on their own.
     log_alpha : float, default=3.0
         Magnitude of the log-alphas of a member start.
+    max_samples : int, default=2048
+        Larger data are compared on this many samples drawn at random, so that
+        the comparison of ``len(members) + 1`` candidates stays a small part
+        of a fit.
+    generator : torch.Generator, default=None
+        Source of that draw, on the merger's device.
 
     Returns
     -------
@@ -259,6 +267,9 @@ def warm_start(
     tensor([[0.],
             [1.]])
     """
+    if X.shape[0] > max_samples:
+        keep = torch.randperm(X.shape[0], generator=generator, device=X.device)
+        X, y = X[keep[:max_samples]], y[keep[:max_samples]]
     current = merger.gates()
     losses = {"current": _per_sample_losses(merger, loss_fn, X, y, gates=current)}
     for k in members:
