@@ -93,7 +93,9 @@ def main(n_members: int = 5, seed: int = 0) -> None:
         f"Digits, {len(X_train)} train / {len(X_test)} test samples; {n_members} MLP "
         f"members forked from one short pre-training on {len(X_members)} of the "
         f"train samples ({train_seconds:.1f} s).\n"
-        f"Gates learned on all train samples in {merge_seconds:.1f} s; open gates: "
+        f"Gates learned on the train samples in {merge_seconds:.1f} s, from the "
+        f"{merge.start_}; epoch kept: {merge.best_epoch_} of {merge.n_iter_} (0: no "
+        "epoch beat the start significantly on the held-out fifth); open gates: "
         f"{int((merge.gates_ > 0).sum())}/{merge.gates_.size}; kept: {merge.selected_}."
         "\n"
     )
