@@ -158,6 +158,7 @@ def run_scenario(scenario, seed, cache):
     row["fit seconds"] = time.perf_counter() - start
     row["SoftMerge"] = merge.score(X_test, y_test)
     row["selected"] = merge.selected_
+    row["start, best epoch"] = f"{merge.start_}, {merge.best_epoch_}"
     row["closed gates of member 2"] = bool((merge.gates_[2] == 0).all())
     if regression:
         row["members"] = [float(m.score(X_test, y_test)) for m in members]
@@ -214,7 +215,7 @@ def summarise(results, percent=True):
     return "\n".join(lines)
 
 
-def write_results(table, results, seeds):
+def write_results(table, results, seeds, command=None):
     path = HERE / "RESULTS.md"
     start, end = "<!-- quality:start -->", "<!-- quality:end -->"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
@@ -225,10 +226,13 @@ def write_results(table, results, seeds):
     fallbacks = sum(
         r["selected"] != "soft merge" for rows in results.values() for r in rows
     )
+    command = command or "python benchmarks/quality.py --seeds " + " ".join(
+        map(str, seeds)
+    )
     section = f"""{start}
 ## Quality
 
-`python benchmarks/quality.py --seeds {" ".join(map(str, seeds))}` (2 CPU cores,
+`{command}` (2 CPU cores,
 torch {torch.__version__}). Test accuracy in %, mean ± standard deviation over
 {len(seeds)} seeds; 5 members per scenario. "SoftMerge" is
 `SoftMergeClassifier(members, random_state=seed)` with every other parameter at
@@ -241,14 +245,72 @@ fell back from the soft merge.
 
 {table}
 
+{against_targets(results)}
+
 Per-seed values are in `benchmarks/quality.json`.
 {end}"""
     path.write_text(before + section + after)
     (HERE / "quality.json").write_text(json.dumps(results, indent=1, default=str))
 
 
+def against_targets(results):
+    """Issue 3's targets, checked on the means over seeds (percentage points)."""
+
+    def mean(scenario, column):
+        return 100 * float(np.mean([row[column] for row in results[scenario]]))
+
+    lines = ["Against the targets (means over seeds, percentage points):", ""]
+    clean = [s for s in "ade" if s in results]
+    for s in clean:
+        merge = mean(s, "SoftMerge")
+        best, uniform = mean(s, "best member"), mean(s, "uniform soup")
+        same = sum(r["SoftMerge"] == r["uniform soup"] for r in results[s])
+        lines.append(
+            f"- ({s}) SoftMerge {merge:.1f}: {merge - best:+.1f} against the best "
+            f"member ({best:.1f}), {merge - uniform:+.1f} against the uniform soup "
+            f"({uniform:.1f}); the same test accuracy as the uniform soup in {same} "
+            f"of {len(results[s])} seeds."
+        )
+    if "e" in results:
+        best, ensemble = mean("e", "best member"), mean("e", "output ensemble")
+        captured = max(
+            (mean("e", m) - best) / (ensemble - best)
+            for m in MERGES
+            if m in results["e"][0]
+        )
+        lines.append(
+            f"- (e) the best SoftMerge variant captures {100 * captured:.0f}% of the "
+            "output ensemble's gain over the best member (target: at least 50%)."
+        )
+    for s, what in (("b", "scaled by 1e3"), ("c", "holding a NaN")):
+        if s in results and "a" in results:
+            closed = sum(r["closed gates of member 2"] for r in results[s])
+            lines.append(
+                f"- ({s}) with member 2 {what}, SoftMerge {mean(s, 'SoftMerge'):.1f} "
+                f"against {mean('a', 'SoftMerge'):.1f} on the clean members "
+                f"({mean(s, 'SoftMerge') - mean('a', 'SoftMerge'):+.1f}); member 2's "
+                f"gates ended closed on every unit in {closed} of {len(results[s])} "
+                f"seeds; the uniform soup fell from {mean('a', 'uniform soup'):.1f} "
+                f"to {mean(s, 'uniform soup'):.1f}."
+            )
+    return "\n".join(lines)
+
+
 def write_independent(results, seeds, command):
     notes = []
+    for architecture, scores in results.items():
+        merge = 100 * np.mean(scores["SoftMerge, aligned"])
+        notes.append(
+            f"- {architecture}: SoftMerge aligned {merge:.1f}%: "
+            f"{merge - 100 * np.mean(scores['best member']):+.1f} points against "
+            "the best member chosen on the held-out fifth, "
+            f"{merge - 100 * np.mean(scores['best member on test']):+.1f} against "
+            "the best member on the test set, "
+            f"{merge - 100 * np.mean(scores['uniform soup']):+.1f} against "
+            "unaligned averaging, "
+            f"{merge - 100 * np.mean(scores['uniform soup, aligned']):+.1f} against "
+            "aligned averaging."
+        )
     for architecture, scores in results.items():
         for name in ("SoftMerge", "SoftMerge, aligned"):
             runs = scores.get(f"{name}: start, kept", [])
@@ -277,6 +339,14 @@ def write_independent(results, seeds, command):
             "weight average are recomputed on the training data.",
             "",
             format_table(results, seeds=seeds),
+            "",
+            "Weight matching lifts the average of independently trained members "
+            "far above the unaligned average, but not up to the members. So the "
+            "merges start from one member alone (`start_`, listed below: the "
+            "member whose held-out losses are significantly lower than the "
+            "average's), with or without alignment, and the gates keep them at "
+            "or near that member: the merges with and without alignment score "
+            "alike.",
             "",
             *notes,
             "<!-- alignment:end -->",
@@ -329,9 +399,11 @@ def main():
                         merged = results.setdefault(architecture, {})
                         merged.setdefault(method, []).extend(values)
             command = (
-                "python benchmarks/quality.py --independent --seeds N --json sN.json"
+                "python benchmarks/quality.py --independent --seeds N --json iN.json` "
+                "for each seed N, then `python benchmarks/quality.py --independent "
+                "--summarise " + " ".join(args.summarise)
             )
-            write_independent(results, seeds, command + ", then --summarise")
+            write_independent(results, seeds, command)
             return
         results = scenarios_independent_init(seeds=args.seeds)
         if args.json:
@@ -353,7 +425,12 @@ def main():
             seeds += part["seeds"]
             for scenario, rows in part["results"].items():
                 results.setdefault(scenario, []).extend(rows)
-        write_all(results, sorted(seeds), args.member_epochs)
+        command = (
+            "OMP_NUM_THREADS=1 python benchmarks/quality.py --seeds N --json qN.json` "
+            "for each seed N, in parallel, then `python benchmarks/quality.py "
+            "--summarise " + " ".join(args.summarise)
+        )
+        write_all(results, sorted(seeds), args.member_epochs, command)
         return
     cache, results = {}, {s: [] for s in args.scenarios}
     for seed in args.seeds:
@@ -377,21 +454,21 @@ def main():
     write_all(results, args.seeds, args.member_epochs)
 
 
-def write_all(results, seeds, member_epochs=None):
+def write_all(results, seeds, member_epochs=None, command=None):
     """Print and write the classification and the regression tables."""
     classification = {k: v for k, v in results.items() if k not in REGRESSION}
     regression = {k: v for k, v in results.items() if k in REGRESSION}
     if classification:
         table = summarise(classification)
         print(table)
-        write_results(table, classification, seeds)
+        write_results(table, classification, seeds, command)
     if regression:
         table = summarise(regression, percent=False)
         print(table)
-        write_regression(table, regression, seeds, member_epochs)
+        write_regression(table, regression, seeds, member_epochs, command)
 
 
-def write_regression(table, results, seeds, member_epochs):
+def write_regression(table, results, seeds, member_epochs, command=None):
     path = HERE / "RESULTS.md"
     start, end = "<!-- regression:start -->", "<!-- regression:end -->"
     text = path.read_text()
@@ -402,6 +479,10 @@ def write_regression(table, results, seeds, member_epochs):
     rows = [r for rows in results.values() for r in rows]
     fallbacks = sum(r["selected"] != "soft merge" for r in rows)
     option = f" --member-epochs {member_epochs}" if member_epochs else ""
+    command = command or (
+        f"OMP_NUM_THREADS=1 python benchmarks/quality.py --scenarios "
+        f"{' '.join(results)} --seeds {' '.join(map(str, seeds))}{option}"
+    )
     epochs = ", ".join(
         f"({k}) {REGRESSION_EPOCHS[k][0]} shared + {REGRESSION_EPOCHS[k][1]}"
         for k in results
@@ -409,8 +490,7 @@ def write_regression(table, results, seeds, member_epochs):
     section = f"""{start}
 ## Regression
 
-`OMP_NUM_THREADS=1 python benchmarks/quality.py --scenarios {" ".join(results)}
---seeds {" ".join(map(str, seeds))}{option}` (2 CPU cores, torch {torch.__version__}).
+`{command}` (2 CPU cores, torch {torch.__version__}).
 Test R^2, mean ± standard deviation over {len(seeds)} seeds. 5 members per
 scenario: MLPs (100-100 hidden units, Adam, mean squared error) forked from one
 short shared training, each then trained on its own bootstrap sample of the
