@@ -63,11 +63,12 @@ def softmax_members(cancer):
     return forked_members(*cancer, softmax=True, lr=0.1)
 
 
-class TestBinaryMembers:
-    @pytest.fixture(scope="class")
-    def merge(self, binary, cancer):
-        return SoftMergeClassifier(binary, random_state=0).fit(*cancer)
+@pytest.fixture(scope="module")
+def merge(binary, cancer):
+    return SoftMergeClassifier(binary, random_state=0).fit(*cancer)
 
+
+class TestBinaryMembers:
     def test_fit_predict_proba_score(self, merge, binary, cancer):
         X, y = cancer
         np.testing.assert_array_equal(merge.classes_, [0, 1])

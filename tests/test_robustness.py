@@ -49,6 +49,19 @@ def fit_quietly(estimator, X, y):
         return estimator.fit(X, y)
 
 
+@pytest.fixture(scope="module")
+def good_and_weak(split):
+    X_train, _, y_train, _ = split
+    good = forked_members(X_train, y_train, n_members=1, seed=2)[0]
+    # Independently initialised, barely trained members: averaging them
+    # with the good one cannot beat it.
+    weak = [
+        forked_members(X_train, y_train, n_members=1, seed=s, lr=0.01)[0]
+        for s in (3, 4)
+    ]
+    return [weak[0], good, weak[1]]
+
+
 class TestValidationFallback:
     def test_scores_recorded(self, clean, split):
         X_train, _, y_train, _ = split
@@ -73,18 +86,6 @@ class TestValidationFallback:
             )
             kept = fit_quietly(kept, X_train, y_train)
             np.testing.assert_array_equal(kept.gates_, merge.gates_)
-
-    @pytest.fixture(scope="class")
-    def good_and_weak(self, split):
-        X_train, _, y_train, _ = split
-        good = forked_members(X_train, y_train, n_members=1, seed=2)[0]
-        # Independently initialised, barely trained members: averaging them
-        # with the good one cannot beat it.
-        weak = [
-            forked_members(X_train, y_train, n_members=1, seed=s, lr=0.01)[0]
-            for s in (3, 4)
-        ]
-        return [weak[0], good, weak[1]]
 
     def test_starts_from_the_best_member(self, good_and_weak, split):
         X_train, X_test, y_train, _ = split
@@ -159,13 +160,14 @@ class TestBrokenMembers:
         )
 
 
-class TestMaliciousMembers:
-    @pytest.fixture(scope="class")
-    def clean_score(self, clean, split):
-        X_train, X_test, y_train, y_test = split
-        merge = fit_quietly(SoftMergeClassifier(clean, **FIT), X_train, y_train)
-        return merge.score(X_test, y_test)
+@pytest.fixture(scope="module")
+def clean_score(clean, split):
+    X_train, X_test, y_train, y_test = split
+    merge = fit_quietly(SoftMergeClassifier(clean, **FIT), X_train, y_train)
+    return merge.score(X_test, y_test)
 
+
+class TestMaliciousMembers:
     @pytest.mark.parametrize("how", ["scaled", "noise"])
     @pytest.mark.parametrize("granularity", ["layer", "neuron"])
     def test_extreme_member_closed_and_harmless(
