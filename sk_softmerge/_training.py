@@ -186,17 +186,28 @@ def _significantly_better(merger, loss_fn, X, y, log_alpha, start_log_alpha):
     return choose_lowest_loss(losses, "start") == "trained"
 
 
+@torch.no_grad()
 def _per_sample_losses(merger, loss_fn, X, y, gates, batch_size=1024):
     """Task loss of every sample (``loss_fn`` on a batch of one, vectorised);
     ``None`` when some loss is not finite."""
-    per_sample = torch.func.vmap(lambda out, t: loss_fn(out[None], t[None]))
     losses = torch.cat(
         [
-            per_sample(merger(X[batch], gates=gates), y[batch])
+            _losses_of_batch(loss_fn, merger(X[batch], gates=gates), y[batch])
             for batch in torch.arange(X.shape[0], device=X.device).split(batch_size)
         ]
     )
     return losses.cpu().numpy() if torch.isfinite(losses).all() else None
+
+
+def _losses_of_batch(loss_fn, output, y):
+    try:
+        return torch.func.vmap(lambda out, t: loss_fn(out[None], t[None]))(output, y)
+    except Exception:
+        # A criterion that vmap cannot trace (data-dependent Python control
+        # flow, .item()): the same values, one sample at a time.
+        return torch.stack(
+            [loss_fn(output[i : i + 1], y[i : i + 1]) for i in range(len(y))]
+        )
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from sk_softmerge import SoftMerge
-from sk_softmerge._training import Adam, learn_gates, warm_start
+from sk_softmerge._training import Adam, _per_sample_losses, learn_gates, warm_start
 
 
 def test_adam_matches_torch_adam():
@@ -104,3 +105,17 @@ class TestValidationKeepsSignificantGainsOnly:
         assert result.best_epoch == 0
         assert torch.equal(merger.log_alpha.detach(), start)
         assert min(result.validation_loss_curve[1:]) < result.validation_loss_curve[0]
+
+
+def test_per_sample_losses_of_a_criterion_vmap_cannot_trace():
+    def loss(output, target):
+        # .item() breaks vmap; the loop fallback must give the same values.
+        scale = 2.0 if float(target.float().mean().item()) >= 0 else 1.0
+        return scale * torch.nn.functional.mse_loss(output, target)
+
+    merger = SoftMerge([_linear(1.0), _linear(0.5)])
+    X = torch.linspace(-1, 1, 7).unsqueeze(1)
+    y = torch.zeros(7, 1)
+    losses = _per_sample_losses(merger, loss, X, y, gates=merger.gates())
+    expected = 2.0 * (0.75 * X.squeeze(1)) ** 2
+    np.testing.assert_allclose(losses, expected.numpy(), rtol=1e-6)
