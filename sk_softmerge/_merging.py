@@ -12,7 +12,13 @@ A block whose weights all belong to one unit is weighted and summed as one row,
 and its gradient is one dot product; only the few weights in blocks that
 straddle two units are gathered and scattered one by one. Scattering every
 weight, which a plain gather costs in its backward pass, was the slowest part
-of a training step on CPU.
+of a training step on CPU. Every parameter starts at a multiple of
+``ALIGNMENT`` weights in the buffer (zero padding between them), so with one
+gate per layer or tensor no block straddles two units.
+
+From gates (or gate noise) to merged parameters is one autograd node with a
+hand-written backward (:class:`_Merge`, :class:`_SampledMerge`): on small
+nets a training step's cost is the number of operations, not their size.
 """
 
 import copy
