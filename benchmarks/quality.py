@@ -114,6 +114,9 @@ def members_for(scenario, seed, cache):
         X_train, X_test, y_train, y_test = digits(seed)
     kind = {"d": "digits", "e": "cnn"}.get(scenario, "mlp")
     if (kind, seed) not in cache:
+        # Seeded here, so that a seed's members do not depend on what ran
+        # before in the process (--seeds 0 1 2 in one run or one per process).
+        torch.manual_seed(seed)
         module = CNN1d() if kind == "cnn" else mlp(X_train.shape[1], 10)
         cache[kind, seed] = forked_members(
             module,
