@@ -152,47 +152,6 @@ def scaled_squared_errors(
     return torch.cat(errors).cpu().numpy() if finite.item() else None
 
 
-def choose(correct: dict[str, np.ndarray | None], default: str) -> str:
-    """Keep ``default`` unless another candidate is significantly more accurate.
-
-    On the same samples, a candidate beats ``default`` when the samples only it
-    gets right outnumber those only ``default`` gets right by more than
-    ``SIGNIFICANCE`` standard deviations of that difference under equal
-    accuracy (a one-sided McNemar test), so that the noise of a small
-    validation set, searched over several candidates, does not trade a merge
-    for a member that is no better. A ``default`` that does not predict loses to
-    the most accurate candidate that does. This is :func:`choose_lowest_loss`
-    with a loss of one for every misclassified sample.
-
-    Parameters
-    ----------
-    correct : dict of str to ndarray of bool or None
-        Per-sample correctness of every candidate (``None``: no prediction).
-    default : str
-        The candidate to keep unless beaten.
-
-    Returns
-    -------
-    name : str
-        The chosen candidate: the one that beats ``default`` by the widest
-        margin, or ``default``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from sk_softmerge._evaluation import choose
-    >>> merge = np.arange(100) < 80                     # 80% right
-    >>> slightly = (np.arange(100) >= 10) & (np.arange(100) < 92)  # 82%, mostly
-    >>> clearly = np.arange(100) < 95                   # 95%, 15 more right
-    >>> choose({"merge": merge, "a": slightly}, "merge")
-    'merge'
-    >>> choose({"merge": merge, "a": slightly, "b": clearly}, "merge")
-    'b'
-    """
-    errors = {name: None if c is None else ~c for name, c in correct.items()}
-    return choose_lowest_loss(errors, default)
-
-
 def choose_lowest_loss(losses: dict[str, np.ndarray | None], default: str) -> str:
     """Keep ``default`` unless another candidate has a significantly lower loss.
 
