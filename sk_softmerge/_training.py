@@ -180,14 +180,14 @@ def _significantly_better(merger, loss_fn, X, y, log_alpha, start_log_alpha):
     """
     losses = {}
     for name, value in (("start", start_log_alpha), ("trained", log_alpha)):
-        losses[name] = _per_sample_losses(
+        losses[name] = _per_sample_task_losses(
             merger, loss_fn, X, y, gates=deterministic_z(value)
         )
     return choose_lowest_loss(losses, "start") == "trained"
 
 
 @torch.no_grad()
-def _per_sample_losses(merger, loss_fn, X, y, gates, batch_size=1024):
+def _per_sample_task_losses(merger, loss_fn, X, y, gates, batch_size=1024):
     """Task loss of every sample (``loss_fn`` on a batch of one, vectorised);
     ``None`` when some loss is not finite."""
     losses = torch.cat(
@@ -282,11 +282,11 @@ def warm_start(
         keep = torch.randperm(X.shape[0], generator=generator, device=X.device)
         X, y = X[keep[:max_samples]], y[keep[:max_samples]]
     current = merger.gates()
-    losses = {"current": _per_sample_losses(merger, loss_fn, X, y, gates=current)}
+    losses = {"current": _per_sample_task_losses(merger, loss_fn, X, y, gates=current)}
     for k in members:
         alone = torch.zeros_like(current)
         alone[k] = 1.0
-        losses[str(k)] = _per_sample_losses(merger, loss_fn, X, y, gates=alone)
+        losses[str(k)] = _per_sample_task_losses(merger, loss_fn, X, y, gates=alone)
     chosen = choose_lowest_loss(losses, "current")
     if chosen == "current":
         return None

@@ -3,7 +3,12 @@ import pytest
 import torch
 
 from sk_softmerge import SoftMerge
-from sk_softmerge._training import Adam, _per_sample_losses, learn_gates, warm_start
+from sk_softmerge._training import (
+    Adam,
+    _per_sample_task_losses,
+    learn_gates,
+    warm_start,
+)
 
 
 def test_adam_matches_torch_adam():
@@ -107,7 +112,7 @@ class TestValidationKeepsSignificantGainsOnly:
         assert min(result.validation_loss_curve[1:]) < result.validation_loss_curve[0]
 
 
-def test_per_sample_losses_of_a_criterion_vmap_cannot_trace():
+def test_per_sample_task_losses_of_a_criterion_vmap_cannot_trace():
     def loss(output, target):
         # .item() breaks vmap; the loop fallback must give the same values.
         scale = 2.0 if float(target.float().mean().item()) >= 0 else 1.0
@@ -116,6 +121,6 @@ def test_per_sample_losses_of_a_criterion_vmap_cannot_trace():
     merger = SoftMerge([_linear(1.0), _linear(0.5)])
     X = torch.linspace(-1, 1, 7).unsqueeze(1)
     y = torch.zeros(7, 1)
-    losses = _per_sample_losses(merger, loss, X, y, gates=merger.gates())
+    losses = _per_sample_task_losses(merger, loss, X, y, gates=merger.gates())
     expected = 2.0 * (0.75 * X.squeeze(1)) ** 2
     np.testing.assert_allclose(losses, expected.numpy(), rtol=1e-6)
