@@ -166,13 +166,18 @@ def scenarios_independent_init(seeds=SEEDS, verbose=True):
             if verbose:
                 print(
                     f"{architecture} seed {seed} ({seconds:.0f} s): "
-                    + ", ".join(
-                        f"{m} {s:.3f}" if isinstance(s, float) else f"{m} {s}"
-                        for m, s in scores.items()
-                    ),
+                    + format_scores(scores),
                     flush=True,
                 )
     return results
+
+
+def format_scores(scores):
+    """One line: every name with its value, floats to three decimals."""
+    return ", ".join(
+        f"{name} {value:.3f}" if isinstance(value, float) else f"{name} {value}"
+        for name, value in scores.items()
+    )
 
 
 def format_table(results, seeds=SEEDS):

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _independent import format_table, scenarios_independent_init
+from _independent import format_scores, format_table, scenarios_independent_init
 from _members import (
     CNN1d,
     corrupt,
@@ -218,14 +218,20 @@ def summarise(results, percent=True):
     return "\n".join(lines)
 
 
-def write_results(table, results, seeds, command=None):
+def write_section(section, start, end):
+    """Put ``section`` (markers included) in RESULTS.md in place of the part
+    from ``start`` to ``end``, or append it when there is none."""
     path = HERE / "RESULTS.md"
-    start, end = "<!-- quality:start -->", "<!-- quality:end -->"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     if start not in text:
         text += f"\n{start}\n{end}\n"
     before, rest = text.split(start)
     _, after = rest.split(end)
+    path.write_text(before + section + after)
+
+
+def write_results(table, results, seeds, command=None):
+    start, end = "<!-- quality:start -->", "<!-- quality:end -->"
     fallbacks = sum(
         r["selected"] != "soft merge" for rows in results.values() for r in rows
     )
@@ -254,7 +260,7 @@ on the held-out fifth.
 
 Per-seed values are in `benchmarks/quality.json`.
 {end}"""
-    path.write_text(before + section + after)
+    write_section(section, start, end)
     (HERE / "quality.json").write_text(json.dumps(results, indent=1, default=str))
 
 
@@ -364,14 +370,7 @@ def write_independent(results, seeds, command):
             "<!-- alignment:end -->",
         ]
     )
-    path = HERE / "RESULTS.md"
-    text = path.read_text()
-    begin, end = "<!-- alignment:start -->", "<!-- alignment:end -->"
-    if begin in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
-    else:
-        text += "\n" + section + "\n"
-    path.write_text(text)
+    write_section(section, "<!-- alignment:start -->", "<!-- alignment:end -->")
 
 
 def main():
@@ -452,10 +451,7 @@ def main():
             results[scenario].append(row)
             print(
                 f"seed {seed} ({scenario}) {time.perf_counter() - start:.0f} s: "
-                + ", ".join(
-                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in row.items()
-                ),
+                + format_scores(row),
                 flush=True,
             )
     if args.json:
@@ -481,13 +477,7 @@ def write_all(results, seeds, member_epochs=None, command=None):
 
 
 def write_regression(table, results, seeds, member_epochs, command=None):
-    path = HERE / "RESULTS.md"
     start, end = "<!-- regression:start -->", "<!-- regression:end -->"
-    text = path.read_text()
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    before, rest = text.split(start)
-    _, after = rest.split(end)
     rows = [r for rows in results.values() for r in rows]
     fallbacks = sum(r["selected"] != "soft merge" for r in rows)
     option = f" --member-epochs {member_epochs}" if member_epochs else ""
@@ -520,7 +510,7 @@ from the soft merge in {fallbacks} of {len(rows)} default fits.
 
 Per-seed values, with every member's test R^2, are in `benchmarks/regression.json`.
 {end}"""
-    path.write_text(before + section + after)
+    write_section(section, start, end)
     (HERE / "regression.json").write_text(json.dumps(results, indent=1, default=str))
 
 
