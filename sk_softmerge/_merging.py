@@ -4,8 +4,9 @@ The members' merged parameters are copied once into one flat buffer of shape
 ``(n_members, n_weights)``. Every weight belongs to one merge unit; a unit's
 merged value is the convex combination of the members' values with weights
 ``z_ku / sum_k z_ku``. One reduction over the buffer forms every merged tensor
-at once, and :func:`torch.func.functional_call` runs a template module with
-them, so a training step has no Python loop over members or parameters.
+at once, and a template module runs with them in place of its own parameters
+(as :func:`torch.func.functional_call` would run it), so a training step does
+no arithmetic per member or per parameter in Python.
 
 The reduction reads the buffer in blocks of ``BLOCK_SIZES`` consecutive weights.
 A block whose weights all belong to one unit is weighted and summed as one row,
@@ -28,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 
 from ._gates import deterministic_z, expected_l0, hard_concrete_with_slope, sample_z
 
@@ -333,58 +333,48 @@ def _unflatten(flat: torch.Tensor, layout) -> tuple[torch.Tensor, ...]:
     return tuple(part.view(shape) for part, shape in zip(parts, shapes, strict=True))
 
 
-def _flatten(grads, layout, like: torch.Tensor) -> torch.Tensor:
-    """The flat, padded buffer of per-parameter gradients; zeros in the padding."""
-    split_sizes, _ = layout
-    padding = like.new_zeros(max(split_sizes[1::2], default=0))
-    pieces = []
-    for grad, gap in zip(grads, split_sizes[1::2], strict=True):
-        pieces += [grad.reshape(-1), padding[:gap]]
-    return torch.cat(pieces)
-
-
 class _Merge(torch.autograd.Function):
-    # Gates in, merged parameters out, in one autograd node with a hand-written
+    # Gates in, flat merged buffer out, in one autograd node with a hand-written
     # backward: autograd of a gather would scatter-add every weight, and would
     # keep the (n_members, n_weights) gathered weights alive. Only small tensors
-    # and the stack are saved, so a step holds no stack-sized temporary.
+    # and the stack are saved, so a step holds no stack-sized temporary. The
+    # buffer is split into parameters outside the node: autograd's own split
+    # backward gathers their gradients faster than Python could.
 
     @staticmethod
-    def forward(ctx, z, log_alpha, theta, plan, layout):
+    def forward(ctx, z, log_alpha, theta, plan):
         weights, total, is_open = _convex(z, log_alpha)
         ctx.save_for_backward(theta, weights, total, is_open)
-        ctx.plan, ctx.layout = plan, layout
-        return _unflatten(_mix(weights.to(theta.dtype), theta, plan), layout)
+        ctx.plan = plan
+        return _mix(weights.to(theta.dtype), theta, plan)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, grad_flat):
         theta, weights, total, is_open = ctx.saved_tensors
-        grad_flat = _flatten(grads, ctx.layout, theta)
         grad = _mix_grad(grad_flat, theta, ctx.plan, weights.shape[1])
         grad_z = _convex_grad(grad.to(weights.dtype), weights, total, is_open)
-        return grad_z, None, None, None, None
+        return grad_z, None, None, None
 
 
 class _SampledMerge(torch.autograd.Function):
     # As _Merge, with the hard-concrete sample inside the node: a training
-    # step's whole path from log-alphas to merged parameters is one node, since
+    # step's whole path from log-alphas to the merged buffer is one node, since
     # per-operation overhead, not arithmetic, dominates a step on small nets.
 
     @staticmethod
-    def forward(ctx, log_alpha, noise, theta, plan, layout):
+    def forward(ctx, log_alpha, noise, theta, plan):
         z, slope = hard_concrete_with_slope(log_alpha, noise)
         weights, total, is_open = _convex(z, log_alpha)
         ctx.save_for_backward(theta, weights, total, is_open, slope)
-        ctx.plan, ctx.layout = plan, layout
-        return _unflatten(_mix(weights.to(theta.dtype), theta, plan), layout)
+        ctx.plan = plan
+        return _mix(weights.to(theta.dtype), theta, plan)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, grad_flat):
         theta, weights, total, is_open, slope = ctx.saved_tensors
-        grad_flat = _flatten(grads, ctx.layout, theta)
         grad = _mix_grad(grad_flat, theta, ctx.plan, weights.shape[1])
         grad_z = _convex_grad(grad.to(weights.dtype), weights, total, is_open)
-        return grad_z * slope, None, None, None, None
+        return grad_z * slope, None, None, None
 
 
 class SoftMerge(torch.nn.Module):
@@ -463,6 +453,7 @@ class SoftMerge(torch.nn.Module):
         ]
         self._layout = (self._split_sizes, self._shapes)
         self._aliases = _tied_aliases(self.template, names)
+        self._slots = (None, [])
 
         theta, unit_index = self._stack(modules, device)
         self.register_buffer("theta", theta, persistent=False)
@@ -558,22 +549,22 @@ class SoftMerge(torch.nn.Module):
             One tensor per merged parameter, differentiable in ``gates``, or in
             ``log_alpha`` when the gates are sampled or deterministic.
         """
+        return dict(zip(self._names, self._merged(gates, noise), strict=True))
+
+    def _merged(self, gates, noise) -> tuple[torch.Tensor, ...]:
+        """The merged parameters, in the order of ``self._names``."""
         plan = BlockPlan(
             self._block_size, self._block_unit, self._loose_index, self._loose_unit
         )
         if noise is not None:
             if gates is not None:
                 raise ValueError("Pass gates or noise, not both.")
-            parameters = _SampledMerge.apply(
-                self.log_alpha, noise, self.theta, plan, self._layout
-            )
+            flat = _SampledMerge.apply(self.log_alpha, noise, self.theta, plan)
         else:
             if gates is None:
                 gates = self.gates()
-            parameters = _Merge.apply(
-                gates, self.log_alpha, self.theta, plan, self._layout
-            )
-        return dict(zip(self._names, parameters, strict=True))
+            flat = _Merge.apply(gates, self.log_alpha, self.theta, plan)
+        return _unflatten(flat, self._layout)
 
     def forward(
         self,
@@ -595,12 +586,40 @@ class SoftMerge(torch.nn.Module):
             Logistic noise for a hard-concrete sample of the gates, the fast
             path of a training step (see :meth:`merged_parameters`).
         """
-        parameters = self._with_aliases(self.merged_parameters(gates, noise=gate_noise))
-        # The aliases of tied weights are known since construction, which spares
-        # functional_call a search through the module on every call.
-        return functional_call(
-            self.template, parameters, args, kwargs, tie_weights=False
-        )
+        merged = self._merged(gates, gate_noise)
+        # What torch.func.functional_call does, without its per-call search of
+        # the module and checks: the merged tensors take the parameters' places
+        # in their owners' parameter dictionaries for the call, then the
+        # template's own parameters return.
+        slots = self._template_slots()
+        originals = [owner[name] for owner, name, _ in slots]
+        try:
+            for owner, name, position in slots:
+                owner[name] = merged[position]
+            return self.template(*args, **kwargs)
+        finally:
+            for (owner, name, _), original in zip(slots, originals, strict=True):
+                owner[name] = original
+
+    def _template_slots(self) -> list[tuple[dict, str, int]]:
+        """``(dictionary, key, position in _merged)`` of every name under which
+        the template holds a merged tensor, its tied aliases included."""
+        template, slots = self._slots
+        if template is not self.template:  # a new reference since last call
+            positions = {name: i for i, name in enumerate(self._names)}
+            holders = [(name, positions[name]) for name in self._names]
+            holders += [(alias, positions[name]) for alias, name in self._aliases]
+            slots = []
+            for name, position in holders:
+                path, _, key = name.rpartition(".")
+                owner = self.template.get_submodule(path)
+                store = (
+                    owner._parameters if key in owner._parameters else owner._buffers
+                )
+                slots.append((store, key, position))
+            # A tuple, so that nn.Module does not register the template twice.
+            self._slots = (self.template, slots)
+        return slots
 
     def _with_aliases(self, parameters: dict) -> dict:
         if self._aliases:

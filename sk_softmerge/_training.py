@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ._evaluation import choose_lowest_loss
-from ._gates import deterministic_z, logistic_noise
+from ._gates import deterministic_z, expected_l0_with_slope, logistic_noise
 from ._merging import SoftMerge
 
 
@@ -118,6 +118,8 @@ def learn_gates(
     epochs = tqdm(
         range(max_epochs), desc="learning gates", unit="epoch", disable=verbose <= 0
     )
+    # The penalty's gradient, l0_weight * mean(l0)', is added in closed form.
+    penalty_scale = l0_weight / log_alpha.numel()
     for epoch in epochs:
         order = torch.randperm(n_samples, generator=generator, device=X.device)
         noise = logistic_noise(
@@ -126,22 +128,26 @@ def learn_gates(
             device=log_alpha.device,
             dtype=log_alpha.dtype,
         )
-        losses = torch.empty(n_batches, device=X.device)
+        losses, penalties = [], []
         batches = zip(
             X[order].split(batch_size), y[order].split(batch_size), strict=True
         )
         for step, (X_batch, y_batch) in enumerate(batches):
-            output = merger(X_batch, gate_noise=noise[step])
-            loss = loss_fn(output, y_batch)
-            if l0_weight:
-                loss = loss + l0_weight * merger.penalty()
+            loss = loss_fn(merger(X_batch, gate_noise=noise[step]), y_batch)
             # autograd.grad spares zero_grad and the accumulation into .grad.
             (grad,) = torch.autograd.grad(loss, log_alpha)
             # A sampled merge that overflows (a malicious member's gate drawn
             # open) gives no usable gradient; skip its step without a sync.
-            optimizer.step(grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
-            losses[step] = loss.detach()
-        losses = torch.nan_to_num_(losses, nan=0.0, posinf=0.0)
+            grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            if l0_weight:
+                l0, l0_slope = expected_l0_with_slope(log_alpha.detach())
+                grad.add_(l0_slope, alpha=penalty_scale)
+                penalties.append(l0.mean())
+            optimizer.step(grad)
+            losses.append(loss.detach())
+        losses = torch.nan_to_num_(torch.stack(losses), nan=0.0, posinf=0.0)
+        if l0_weight:
+            losses += l0_weight * torch.stack(penalties)
         result.loss_curve.append(float(losses @ batch_sizes) / n_samples)
         postfix = {"loss": f"{result.loss_curve[-1]:.4f}"}
         if validation is not None:

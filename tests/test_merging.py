@@ -338,3 +338,48 @@ class TestTiedWeights:
         x = torch.randn(5, 4)
         torch.testing.assert_close(merger(x), module(x))
         torch.testing.assert_close(state["shift"], modules[0].shift)
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.gru = torch.nn.GRU(3, 4, batch_first=True)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+class TestTemplateBinding:
+    """The merged tensors take the template's parameters' places for a call only."""
+
+    def test_template_keeps_its_parameters(self, modules):
+        merger = SoftMerge(modules)
+        before = dict(merger.template.named_parameters())
+        merger(torch.randn(4, 5), gates=merger.sample_gates()).sum().backward()
+        with pytest.raises(RuntimeError):
+            merger(torch.randn(4, 7))  # wrong width: the forward raises midway
+        after = dict(merger.template.named_parameters())
+        assert before.keys() == after.keys()
+        assert all(after[name] is tensor for name, tensor in before.items())
+
+    def test_recurrent_members(self):
+        modules = [Recurrent(seed) for seed in range(3)]
+        merger = SoftMerge(modules, granularity="tensor")
+        with torch.no_grad():
+            merger.log_alpha.copy_(torch.randn_like(merger.log_alpha))
+        module = Recurrent(0)
+        module.load_state_dict(merger.merged_state_dict())
+        x = torch.randn(2, 6, 3)
+        torch.testing.assert_close(merger(x), module(x))
+
+    def test_new_reference_is_used(self, modules):
+        merger = SoftMerge(modules, merge="2")
+        x = torch.randn(3, 5)
+        merger(x)
+        merger.set_reference(modules[1])
+        module = copy.deepcopy(modules[1])
+        module.load_state_dict(merger.merged_state_dict())
+        torch.testing.assert_close(merger(x), module(x))
+        assert not torch.allclose(merger(x), modules[0](x))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sk_softmerge import SoftMerge
+from sk_softmerge._gates import logistic_noise
 from sk_softmerge._training import (
     Adam,
     _per_sample_task_losses,
@@ -47,6 +48,47 @@ def test_learn_gates_changes_only_log_alpha_and_is_repeatable(l0_weight):
         results.append(merger.log_alpha.detach())
     assert not torch.equal(results[0], torch.full_like(results[0], 3.0))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("l0_weight", [0.0, 0.3])
+def test_learn_gates_is_adam_on_the_documented_objective(l0_weight):
+    """Each step: Adam on mean task loss + l0_weight * penalty, autograd's way."""
+    torch.manual_seed(0)
+    modules = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))]
+    modules += [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))]
+    X, y = torch.randn(50, 3), torch.randint(0, 2, (50,))
+    loss_fn = torch.nn.functional.cross_entropy
+    merger = SoftMerge(modules, granularity="neuron", init_log_alpha=0.5)
+    result = learn_gates(
+        merger,
+        loss_fn,
+        X,
+        y,
+        l0_weight=l0_weight,
+        max_epochs=2,
+        lr=0.1,
+        batch_size=16,
+        generator=torch.Generator().manual_seed(1),
+    )
+
+    reference = SoftMerge(modules, granularity="neuron", init_log_alpha=0.5)
+    optimizer = torch.optim.Adam([reference.log_alpha], lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    curve = []
+    for _ in range(2):
+        order = torch.randperm(50, generator=generator)
+        noise = logistic_noise((4, *reference.log_alpha.shape), generator)
+        total = 0.0
+        for step, batch in enumerate(order.split(16)):
+            output = reference(X[batch], gate_noise=noise[step])
+            loss = loss_fn(output, y[batch]) + l0_weight * reference.penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        curve.append(total / 50)
+    torch.testing.assert_close(merger.log_alpha, reference.log_alpha)
+    np.testing.assert_allclose(result.loss_curve, curve, rtol=1e-5)
 
 
 def _linear(weight):
