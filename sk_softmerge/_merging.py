@@ -183,7 +183,7 @@ def _convex(z, log_alpha):
     """Mixing weights, and what their backward pass needs."""
     best = log_alpha == log_alpha.amax(0, keepdim=True)
     is_open = z.sum(0, keepdim=True) > 0
-    carried = torch.where(is_open, z, best.to(z.dtype))
+    carried = torch.where(is_open, z, best)
     total = carried.sum(0, keepdim=True)
     return carried / total, total, is_open
 
@@ -238,12 +238,16 @@ class BlockPlan:
         Positions of the weights outside single-unit blocks.
     loose_unit : torch.Tensor of shape (n_loose,)
         Unit of each of those weights.
+    has_loose : bool
+        Whether there are such weights; when not, the reduction skips the
+        operations that handle them.
     """
 
     size: int
     block_unit: torch.Tensor
     loose_index: torch.Tensor
     loose_unit: torch.Tensor
+    has_loose: bool
 
 
 def plan_blocks(unit_index: torch.Tensor, n_units: int) -> BlockPlan:
@@ -286,23 +290,33 @@ def plan_blocks(unit_index: torch.Tensor, n_units: int) -> BlockPlan:
         n_loose = loose_index.shape[0]
         cost = n_blocks + LOOSE_COST * n_loose + LOOSE_OVERHEAD * (n_loose > 0)
         block_unit = torch.where(pure, blocks[:, 0], n_units)
-        plan = BlockPlan(size, block_unit, loose_index, unit_index[loose_index])
+        plan = BlockPlan(
+            size, block_unit, loose_index, unit_index[loose_index], n_loose > 0
+        )
         plans.append((cost, -size, plan))
     return min(plans, key=lambda entry: entry[:2])[2]
 
 
+def _blocks(theta: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """The stack's whole blocks, shape (n_members, n_blocks, size), a view."""
+    n_members, n_weights = theta.shape
+    n_blocked = plan.block_unit.shape[0] * plan.size
+    if n_blocked < n_weights:
+        theta = theta[:, :n_blocked]
+    return theta.view(n_members, -1, plan.size)
+
+
 def _mix(weights: torch.Tensor, theta: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     """Flat merged weights: each weight's convex combination over members."""
-    n_members, n_weights = theta.shape
-    size = plan.size
-    n_blocks = plan.block_unit.shape[0]
-    blocks = theta[:, : n_blocks * size].view(n_members, n_blocks, size)
-    # Straddling blocks read a zero column and are overwritten below.
-    padded = torch.nn.functional.pad(weights, (0, 1))
-    flat = theta.new_empty(n_weights)
-    block_weights = padded.index_select(1, plan.block_unit).unsqueeze(-1)
-    torch.sum(blocks * block_weights, 0, out=flat[: n_blocks * size].view(-1, size))
-    if plan.loose_index.numel():
+    blocks = _blocks(theta, plan)
+    if plan.has_loose:
+        # Straddling blocks read a zero column and are overwritten below.
+        weights = torch.nn.functional.pad(weights, (0, 1))
+    block_weights = weights.index_select(1, plan.block_unit).unsqueeze(-1)
+    flat = (blocks * block_weights).sum(0).view(-1)
+    if plan.has_loose:
+        if flat.shape[0] < theta.shape[1]:
+            flat = torch.nn.functional.pad(flat, (0, theta.shape[1] - flat.shape[0]))
         loose = weights.index_select(1, plan.loose_unit)
         loose = loose * theta.index_select(1, plan.loose_index)
         flat.index_copy_(0, plan.loose_index, loose.sum(0))
@@ -313,17 +327,16 @@ def _mix_grad(
     grad_flat: torch.Tensor, theta: torch.Tensor, plan: BlockPlan, n_units: int
 ) -> torch.Tensor:
     """Gradient of :func:`_mix` in the weights: one dot product per block."""
-    n_members = theta.shape[0]
-    size = plan.size
-    n_blocks = plan.block_unit.shape[0]
-    blocks = theta[:, : n_blocks * size].view(n_members, n_blocks, size)
-    grad_blocks = grad_flat[: n_blocks * size].view(n_blocks, size)
-    grad = theta.new_zeros(n_members, n_units + 1)
+    blocks = _blocks(theta, plan)
+    grad_blocks = grad_flat[: blocks.shape[1] * plan.size].view(-1, plan.size)
+    # With loose weights, straddling blocks add into a spare last column.
+    grad = theta.new_zeros(theta.shape[0], n_units + plan.has_loose)
     grad.index_add_(1, plan.block_unit, (blocks * grad_blocks).sum(-1))
-    if plan.loose_index.numel():
+    if plan.has_loose:
         loose = theta.index_select(1, plan.loose_index) * grad_flat[plan.loose_index]
         grad.index_add_(1, plan.loose_unit, loose)
-    return grad[:, :n_units]
+        grad = grad[:, :n_units]
+    return grad
 
 
 def _unflatten(flat: torch.Tensor, layout) -> tuple[torch.Tensor, ...]:
@@ -463,6 +476,7 @@ class SoftMerge(torch.nn.Module):
         self.register_buffer("_block_unit", plan.block_unit, persistent=False)
         self.register_buffer("_loose_index", plan.loose_index, persistent=False)
         self.register_buffer("_loose_unit", plan.loose_unit, persistent=False)
+        self._has_loose = plan.has_loose
         self.log_alpha = torch.nn.Parameter(
             torch.full(
                 (len(modules), len(self.units)),
@@ -554,7 +568,11 @@ class SoftMerge(torch.nn.Module):
     def _merged(self, gates, noise) -> tuple[torch.Tensor, ...]:
         """The merged parameters, in the order of ``self._names``."""
         plan = BlockPlan(
-            self._block_size, self._block_unit, self._loose_index, self._loose_unit
+            self._block_size,
+            self._block_unit,
+            self._loose_index,
+            self._loose_unit,
+            self._has_loose,
         )
         if noise is not None:
             if gates is not None:
