@@ -224,7 +224,7 @@ def warm_start(
     y: torch.Tensor,
     members: Sequence[int],
     log_alpha: float = 3.0,
-    max_samples: int = 2048,
+    max_samples: int = 1024,
     generator: torch.Generator | None = None,
 ) -> int | None:
     """Start the gates from one member alone if it beats the current merge.
@@ -255,7 +255,7 @@ def warm_start(
         Rows of the members that may be a start on their own.
     log_alpha : float, default=3.0
         Magnitude of the log-alphas of a member start.
-    max_samples : int, default=2048
+    max_samples : int, default=1024
         Larger data are compared on this many samples drawn at random, so that
         the comparison of ``len(members) + 1`` candidates stays a small part
         of a fit.
