@@ -27,6 +27,16 @@ ZETA = 1.1
 EPS = 1e-6
 """Margin that keeps uniform noise away from 0 and 1."""
 
+# The constants of a training step's operations as zero-dimensional tensors: an
+# operation with a Python number wraps it into a new tensor on every call, some
+# 2 us on a CPU, which adds up over the few dozen operations on gates that a
+# step makes. A zero-dimensional CPU tensor combines with tensors of any device
+# and floating dtype, as a Python number does.
+_BETA = torch.tensor(BETA, dtype=torch.float64)
+_GAMMA = torch.tensor(GAMMA, dtype=torch.float64)
+_SLOPE = torch.tensor((ZETA - GAMMA) / BETA, dtype=torch.float64)
+_L0_SHIFT = torch.tensor(BETA * math.log(-GAMMA / ZETA), dtype=torch.float64)
+
 
 def quantile_concrete(u: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
     """Stretched binary concrete sample for uniform noise ``u``.
@@ -128,10 +138,10 @@ def hard_concrete_with_slope(
     """
     # Few operations, in place where possible: on gates, per-operation
     # overhead, not arithmetic, is the cost.
-    s = torch.add(noise, log_alpha).div_(BETA).sigmoid_()
-    s_bar = s.mul(ZETA - GAMMA).add_(GAMMA)
+    s = torch.add(noise, log_alpha).div_(_BETA).sigmoid_()
+    s_bar = torch.add(_GAMMA, s, alpha=ZETA - GAMMA)
     z = s_bar.clamp(0.0, 1.0)
-    slope = torch.addcmul(s, s, s, value=-1.0).mul_((ZETA - GAMMA) / BETA)
+    slope = torch.addcmul(s, s, s, value=-1.0).mul_(_SLOPE)
     return z, slope.mul_(z == s_bar)
 
 
@@ -280,7 +290,7 @@ def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
     >>> expected_l0(torch.tensor([20.0, -20.0]))
     tensor([1.0000e+00, 1.0195e-08])
     """
-    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
+    return torch.sub(log_alpha, _L0_SHIFT).sigmoid_()
 
 
 def expected_l0_with_slope(

@@ -48,6 +48,8 @@ scatter-add costs several times a contiguous sum per element."""
 LOOSE_OVERHEAD = 1024
 """Cost, in blocks, of the eight extra operations that any loose weight brings."""
 
+_ZERO = torch.tensor(0.0)  # zero-dimensional: see _gates._BETA
+
 
 @dataclass(frozen=True)
 class MergeUnit:
@@ -182,7 +184,7 @@ def find_units(
 def _convex(z, log_alpha):
     """Mixing weights, and what their backward pass needs."""
     best = log_alpha == log_alpha.amax(0, keepdim=True)
-    is_open = z.sum(0, keepdim=True) > 0
+    is_open = torch.gt(z.sum(0, keepdim=True), _ZERO)
     carried = torch.where(is_open, z, best)
     total = carried.sum(0, keepdim=True)
     return carried / total, total, is_open
@@ -190,7 +192,8 @@ def _convex(z, log_alpha):
 
 def _convex_grad(grad_weights, weights, total, is_open):
     grad_carried = grad_weights - (grad_weights * weights).sum(0, keepdim=True)
-    return torch.where(is_open, grad_carried / total, 0.0)
+    # Closed units do not depend on z; a mask is cheaper than torch.where.
+    return grad_carried.div_(total).mul_(is_open)
 
 
 def mixing_weights(z: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
@@ -343,7 +346,11 @@ def _unflatten(flat: torch.Tensor, layout) -> tuple[torch.Tensor, ...]:
     """The parameters held in a flat, padded buffer, as views of it."""
     split_sizes, shapes = layout
     parts = flat.split(split_sizes)[::2]
-    return tuple(part.view(shape) for part, shape in zip(parts, shapes, strict=True))
+    # A vector needs no view, and a view costs an operation and a backward node.
+    return tuple(
+        part if len(shape) == 1 else part.view(shape)
+        for part, shape in zip(parts, shapes, strict=True)
+    )
 
 
 class _Merge(torch.autograd.Function):
