@@ -123,9 +123,11 @@ def ratios(arch, members, X, y, X_test, n_epochs=3, repeats=3):
         before = torch.cuda.memory_allocated()
         merge()
         peak = torch.cuda.max_memory_allocated() - before
+        vs_plain = speed.paired_ratio(times, "merge", "plain")
+        vs_skorch = speed.paired_ratio(times, "merge", "skorch")
         print(
-            f"{arch} K={k}: merge / plain {speed.ratio(times, 'merge', 'plain'):.2f}, "
-            f"merge / skorch {speed.ratio(times, 'merge', 'skorch'):.2f}, "
+            f"{arch} K={k}: merge / plain {vs_plain:.2f}, "
+            f"merge / skorch {vs_skorch:.2f}, "
             f"merge {1e3 * statistics.median(times['merge']) / n_epochs:.1f} "
             f"ms/epoch, peak GPU memory of fit {peak / 1024:.0f} KiB"
         )
@@ -153,9 +155,10 @@ def ratios(arch, members, X, y, X_test, n_epochs=3, repeats=3):
         },
         11,
     )
+    vs_member = speed.paired_ratio(times, "merged", "member")
     print(
-        f"{arch} predict on the GPU: merged / member "
-        f"{speed.ratio(times, 'merged', 'member'):.3f} (11 paired repeats of 10 calls)"
+        f"{arch} predict on the GPU: merged / member {vs_member:.3f} "
+        "(11 paired repeats of 10 calls)"
     )
 
 
