@@ -22,6 +22,17 @@ def make_module(n_features=64, n_classes=10, softmax=False):
     return torch.nn.Sequential(*layers)
 
 
+def fork(shared, X, y, n_members, seed, max_epochs):
+    """Copies of the fitted net ``shared``, each trained on its own bootstrap."""
+    rng = np.random.default_rng(seed)
+    members = []
+    for _ in range(n_members):
+        member = copy.deepcopy(shared).set_params(max_epochs=max_epochs)
+        sample = rng.integers(0, len(X), len(X))
+        members.append(member.partial_fit(X[sample], y[sample]))
+    return members
+
+
 def forked_members(X, y, n_members=3, seed=0, softmax=False, **net_params):
     """Members forked from one short shared training, each on a bootstrap sample."""
     torch.manual_seed(seed)
@@ -37,13 +48,7 @@ def forked_members(X, y, n_members=3, seed=0, softmax=False, **net_params):
     params.update(net_params)
     module = make_module(X.shape[1], len(np.unique(y)), softmax=softmax)
     shared = NeuralNetClassifier(module, **params).fit(X, y)
-    rng = np.random.default_rng(seed)
-    members = []
-    for _ in range(n_members):
-        member = copy.deepcopy(shared).set_params(max_epochs=3)
-        sample = rng.integers(0, len(X), len(X))
-        members.append(member.partial_fit(X[sample], y[sample]))
-    return members
+    return fork(shared, X, y, n_members, seed, max_epochs=3)
 
 
 def forked_regressors(X, y, n_members=3, seed=0, **net_params):
@@ -63,13 +68,7 @@ def forked_regressors(X, y, n_members=3, seed=0, **net_params):
     params.update(net_params)
     module = make_module(X.shape[1], y.shape[1])
     shared = NeuralNetRegressor(module, **params).fit(X, y)
-    rng = np.random.default_rng(seed)
-    members = []
-    for _ in range(n_members):
-        member = copy.deepcopy(shared).set_params(max_epochs=10)
-        sample = rng.integers(0, len(X), len(X))
-        members.append(member.partial_fit(X[sample], y[sample]))
-    return members
+    return fork(shared, X, y, n_members, seed, max_epochs=10)
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +104,17 @@ def seed_everything():
 
 def parameters_of(net):
     return {k: v.detach().clone() for k, v in net.module_.state_dict().items()}
+
+
+def check_refused(estimator, X, y, error, match):
+    """``fit`` raises ``error`` matching ``match``, fits nothing, and leaves the
+    members' weights as they were."""
+    given = estimator.estimators
+    nets = given if isinstance(given, list) else [given]
+    before = [parameters_of(m) for m in nets if hasattr(m, "module_")]
+    with pytest.raises(error, match=match):
+        estimator.fit(X, y)
+    assert not hasattr(estimator, "gates_")
+    for member, state in zip(nets, before, strict=False):
+        for name, value in member.module_.state_dict().items():
+            assert torch.equal(value, state[name])

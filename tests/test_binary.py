@@ -24,7 +24,7 @@ from sk_softmerge.baselines import (
     UniformSoupClassifier,
 )
 
-from conftest import forked_members, make_module, parameters_of
+from conftest import fork, forked_members, make_module, parameters_of
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,7 @@ def forked_binary(X, y, n_members=3, seed=0):
         train_split=None,
         verbose=0,
     ).fit(X, y.astype(np.float32))
-    rng = np.random.default_rng(seed)
-    members = []
-    for _ in range(n_members):
-        member = copy.deepcopy(shared).set_params(max_epochs=3)
-        sample = rng.integers(0, len(X), len(X))
-        members.append(member.partial_fit(X[sample], y[sample].astype(np.float32)))
-    return members
+    return fork(shared, X, y.astype(np.float32), n_members, seed, max_epochs=3)
 
 
 @pytest.fixture(scope="module")

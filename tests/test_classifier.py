@@ -21,7 +21,7 @@ from skorch import NeuralNet
 
 from sk_softmerge import SoftMergeClassifier
 
-from conftest import forked_members, parameters_of
+from conftest import check_refused, forked_members, parameters_of
 
 FAST = dict(max_epochs=2, random_state=0, validation_fraction=0)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -164,21 +164,10 @@ class TestInputs:
 class TestBadInput:
     """Each bad input is refused with a message naming what was received."""
 
-    def check_refused(self, estimator, X, y, error, match):
-        given = estimator.estimators
-        nets = given if isinstance(given, list) else [given]
-        before = [parameters_of(m) for m in nets if hasattr(m, "module_")]
-        with pytest.raises(error, match=match):
-            estimator.fit(X, y)
-        assert not hasattr(estimator, "gates_")
-        for member, state in zip(nets, before, strict=False):
-            for name, value in member.module_.state_dict().items():
-                assert torch.equal(value, state[name])
-
     @pytest.mark.parametrize("estimators, n", [([], 0), (None, 1)])
     def test_too_few_members(self, members, digits, estimators, n):
         estimators = members[:1] if estimators is None else estimators
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier(estimators),
             *digits,
             ValueError,
@@ -186,7 +175,7 @@ class TestBadInput:
         )
 
     def test_not_a_list(self, members, digits):
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier(members[0]),
             *digits,
             ValueError,
@@ -196,7 +185,7 @@ class TestBadInput:
     def test_not_a_skorch_net(self, members, digits):
         from sklearn.linear_model import LogisticRegression
 
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier([members[0], LogisticRegression()]),
             *digits,
             TypeError,
@@ -205,7 +194,7 @@ class TestBadInput:
 
     def test_unfitted_member(self, members, digits):
         unfitted = clone(members[1])
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier([members[0], unfitted]),
             *digits,
             ValueError,
@@ -217,7 +206,7 @@ class TestBadInput:
         other = forked_members(X, y, n_members=1)[0]
         other.module_[0] = torch.nn.Linear(64, 8)
         other.module_[2] = torch.nn.Linear(8, 10)
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier([members[0], other]),
             X,
             y,
@@ -233,7 +222,7 @@ class TestBadInput:
         other.module_.add_module("fc", torch.nn.Linear(64, 16))
         other.module_.add_module("act", torch.nn.ReLU())
         other.module_.add_module("out", torch.nn.Linear(16, 10))
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier([members[0], other]),
             X,
             y,
@@ -245,7 +234,7 @@ class TestBadInput:
     def test_extra_parameter(self, members, digits):
         other = copy.deepcopy(members[1])
         other.module_.add_module("3", torch.nn.Linear(10, 10))
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier([members[0], other]),
             *digits,
             ValueError,
@@ -257,7 +246,7 @@ class TestBadInput:
         keep = y < 9
         other = forked_members(X[keep], y[keep], n_members=1)[0]
         other.module_[2] = torch.nn.Linear(16, 10)
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier([members[0], other]),
             X,
             y,
@@ -268,7 +257,7 @@ class TestBadInput:
 
     def test_wrong_number_of_features(self, members, digits):
         X, y = digits
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier(members),
             X[:, :30],
             y,
@@ -281,7 +270,7 @@ class TestBadInput:
         X, y = digits
         X = X.copy()
         X[3, 5] = value
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier(members), X, y, ValueError, "Input X contains"
         )
 
@@ -289,7 +278,7 @@ class TestBadInput:
         X, y = digits
         y = y.copy()
         y[:2] = [10, 42]
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier(members),
             X,
             y,
@@ -300,7 +289,7 @@ class TestBadInput:
 
     def test_continuous_y(self, members, digits):
         X, y = digits
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier(members), X, y + 0.5, ValueError, "Unknown label type"
         )
 
@@ -321,14 +310,14 @@ class TestBadInput:
         ],
     )
     def test_invalid_parameters(self, members, digits, params, match):
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier(members, **params), *digits, ValueError, match
         )
 
     @pytest.mark.skipif(torch.cuda.is_available(), reason="machine has CUDA")
     @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
     def test_cuda_without_cuda(self, members, digits, device):
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier(members, device=device),
             *digits,
             ValueError,

@@ -28,7 +28,13 @@ from sk_softmerge.baselines import (
     UniformSoupRegressor,
 )
 
-from conftest import N_HIDDEN, forked_regressors, make_module, parameters_of
+from conftest import (
+    N_HIDDEN,
+    check_refused,
+    forked_regressors,
+    make_module,
+    parameters_of,
+)
 
 FAST = dict(max_epochs=2, random_state=0, validation_fraction=0)
 
@@ -246,21 +252,10 @@ class TestValidation:
 class TestBadInput:
     """Each bad input is refused with a message naming what was received."""
 
-    def check_refused(self, estimator, X, y, error, match):
-        given = estimator.estimators
-        nets = given if isinstance(given, list) else [given]
-        before = [parameters_of(m) for m in nets if hasattr(m, "module_")]
-        with pytest.raises(error, match=match):
-            estimator.fit(X, y)
-        assert not hasattr(estimator, "gates_")
-        for member, state in zip(nets, before, strict=False):
-            for name, value in member.module_.state_dict().items():
-                assert torch.equal(value, state[name])
-
     @pytest.mark.parametrize("estimators, n", [([], 0), (None, 1)])
     def test_too_few_members(self, regressors, diabetes, estimators, n):
         estimators = regressors[:1] if estimators is None else estimators
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(estimators),
             *diabetes,
             ValueError,
@@ -268,7 +263,7 @@ class TestBadInput:
         )
 
     def test_not_a_list(self, regressors, diabetes):
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(regressors[0]),
             *diabetes,
             ValueError,
@@ -278,7 +273,7 @@ class TestBadInput:
     def test_not_a_skorch_net(self, regressors, diabetes):
         from sklearn.linear_model import Ridge
 
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor([regressors[0], Ridge()]),
             *diabetes,
             TypeError,
@@ -286,7 +281,7 @@ class TestBadInput:
         )
 
     def test_classifier_members(self, members, diabetes):
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(members),
             *diabetes,
             TypeError,
@@ -295,7 +290,7 @@ class TestBadInput:
         )
 
     def test_regressor_members_given_to_the_classifier(self, regressors, digits):
-        self.check_refused(
+        check_refused(
             SoftMergeClassifier(regressors),
             *digits,
             TypeError,
@@ -304,7 +299,7 @@ class TestBadInput:
         )
 
     def test_mixed_classifier_and_regressor(self, regressors, members, diabetes):
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor([regressors[0], members[0]]),
             *diabetes,
             TypeError,
@@ -312,7 +307,7 @@ class TestBadInput:
         )
 
     def test_unfitted_member(self, regressors, diabetes):
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor([regressors[0], clone(regressors[1])]),
             *diabetes,
             ValueError,
@@ -323,7 +318,7 @@ class TestBadInput:
         other = copy.deepcopy(regressors[1])
         other.module_[0] = torch.nn.Linear(10, 8)
         other.module_[2] = torch.nn.Linear(8, 1)
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor([regressors[0], other]),
             *diabetes,
             ValueError,
@@ -334,7 +329,7 @@ class TestBadInput:
     def test_extra_parameter(self, regressors, diabetes):
         other = copy.deepcopy(regressors[1])
         other.module_.add_module("3", torch.nn.Linear(1, 1))
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor([regressors[0], other]),
             *diabetes,
             ValueError,
@@ -343,7 +338,7 @@ class TestBadInput:
 
     def test_wrong_number_of_features(self, regressors, diabetes):
         X, y = diabetes
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(regressors),
             X[:, :4],
             y,
@@ -356,7 +351,7 @@ class TestBadInput:
         X, y = diabetes
         X = X.copy()
         X[3, 5] = value
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(regressors), X, y, ValueError, "Input X contains"
         )
 
@@ -364,13 +359,13 @@ class TestBadInput:
         X, y = diabetes
         y = y.copy()
         y[7] = np.nan
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(regressors), X, y, ValueError, "Input y contains NaN"
         )
 
     def test_more_targets_than_outputs(self, regressors, diabetes):
         X, y = diabetes
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(regressors),
             X,
             np.stack([y, y, y], axis=1),
@@ -381,7 +376,7 @@ class TestBadInput:
 
     def test_fewer_targets_than_outputs(self, two_outputs):
         X, Y, members = two_outputs
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(members),
             X,
             Y[:, 0],
@@ -391,7 +386,7 @@ class TestBadInput:
 
     def test_3d_y(self, regressors, diabetes):
         X, y = diabetes
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(regressors),
             X,
             y.reshape(-1, 1, 1),
@@ -401,7 +396,7 @@ class TestBadInput:
 
     def test_string_y(self, regressors, diabetes):
         X, y = diabetes
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(regressors),
             X,
             np.where(y > 0, "high", "low"),
@@ -411,7 +406,7 @@ class TestBadInput:
 
     def test_wrong_number_of_samples(self, regressors, diabetes):
         X, y = diabetes
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(regressors),
             X,
             y[:-3],
@@ -432,7 +427,7 @@ class TestBadInput:
         ],
     )
     def test_invalid_parameters(self, regressors, diabetes, params, match):
-        self.check_refused(
+        check_refused(
             SoftMergeRegressor(regressors, **params), *diabetes, ValueError, match
         )
 
