@@ -55,8 +55,10 @@ def test_learn_gates_changes_only_log_alpha_and_is_repeatable(l0_weight):
 def test_learn_gates_is_adam_on_the_documented_objective(l0_weight):
     """Each step: Adam on mean task loss + l0_weight * penalty, autograd's way."""
     torch.manual_seed(0)
-    modules = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))]
-    modules += [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))]
+    modules = [
+        torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        for _ in range(2)
+    ]
     X, y = torch.randn(50, 3), torch.randint(0, 2, (50,))
     loss_fn = torch.nn.functional.cross_entropy
     merger = SoftMerge(modules, granularity="neuron", init_log_alpha=0.5)
