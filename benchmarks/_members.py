@@ -84,19 +84,23 @@ def mlp(n_features, n_classes, hidden=100):
 
 
 class CNN1d(torch.nn.Module):
-    """A small 1-D CNN for MNIST-1D (inputs of shape (n, 40))."""
+    """A small 1-D CNN for MNIST-1D (inputs of shape (n, 40)), no batch norm.
 
-    def __init__(self, n_classes=10, channels=32):
+    Three Conv1d + ReLU blocks with the given strides, then a linear head.
+    """
+
+    def __init__(self, n_classes=10, channels=32, strides=(1, 2, 2)):
         super().__init__()
-        self.features = torch.nn.Sequential(
-            torch.nn.Conv1d(1, channels, 5, padding=2),
-            torch.nn.ReLU(),
-            torch.nn.Conv1d(channels, channels, 3, padding=1, stride=2),
-            torch.nn.ReLU(),
-            torch.nn.Conv1d(channels, channels, 3, padding=1, stride=2),
-            torch.nn.ReLU(),
-        )
-        self.head = torch.nn.Linear(channels * 10, n_classes)
+        kernels = (5, 3, 3)
+        layers, n_in, length = [], 1, 40
+        for kernel, stride in zip(kernels, strides, strict=True):
+            conv = torch.nn.Conv1d(
+                n_in, channels, kernel, padding=kernel // 2, stride=stride
+            )
+            layers += [conv, torch.nn.ReLU()]
+            n_in, length = channels, -(-length // stride)
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(channels * length, n_classes)
 
     def forward(self, x):
         return self.head(self.features(x.unsqueeze(1)).flatten(1))
@@ -114,12 +118,14 @@ def forked_members(
     lr=1e-3,
     batch_size=64,
     regression=False,
+    sample=None,
 ):
     """Members forked from one short shared training, each on a bootstrap sample.
 
     Classifiers trained with cross-entropy, or with ``regression=True``
-    regressors trained with the mean squared error. Returns the list of fitted
-    skorch nets.
+    regressors trained with the mean squared error. ``sample(k, rng, X, y)``
+    returns member ``k``'s training data (default: a uniform bootstrap sample
+    of ``(X, y)``). Returns the list of fitted skorch nets.
     """
     torch.manual_seed(seed)
     net_class, criterion = (
@@ -139,11 +145,48 @@ def forked_members(
     ).fit(X, y)
     rng = np.random.default_rng(seed)
     members = []
-    for _ in range(n_members):
+    sample = sample or bootstrap
+    for k in range(n_members):
         member = copy.deepcopy(shared).set_params(max_epochs=member_epochs)
-        sample = rng.integers(0, len(X), len(X))
-        members.append(member.partial_fit(X[sample], y[sample]))
+        members.append(member.partial_fit(*sample(k, rng, X, y)))
     return members
+
+
+def bootstrap(k, rng, X, y):
+    """A uniform bootstrap sample of ``(X, y)`` (``k`` is unused)."""
+    rows = rng.integers(0, len(X), len(X))
+    return X[rows], y[rows]
+
+
+def noisy_labels(n_clean, flip=0.6):
+    """Member data: a bootstrap sample, whose labels, for members ``n_clean``
+    and later, are replaced by a random class with probability ``flip``."""
+
+    def sample(k, rng, X, y):
+        X_k, y_k = bootstrap(k, rng, X, y)
+        if k < n_clean:
+            return X_k, y_k
+        flipped = rng.random(len(y_k)) < flip
+        y_k = y_k.copy()
+        y_k[flipped] = rng.integers(0, y.max() + 1, flipped.sum())
+        return X_k, y_k
+
+    return sample
+
+
+def favoured_classes(ratio=8.0, n_favoured=2):
+    """Member data: a bootstrap sample in which member ``k``'s classes
+    ``n_favoured * k`` to ``n_favoured * (k + 1) - 1`` (modulo the number of
+    classes) are drawn ``ratio`` times as often as the others (non-IID)."""
+
+    def sample(k, rng, X, y):
+        n_classes = int(y.max()) + 1
+        favoured = (np.arange(n_favoured) + n_favoured * k) % n_classes
+        weights = np.where(np.isin(y, favoured), ratio, 1.0)
+        rows = rng.choice(len(X), len(X), p=weights / weights.sum())
+        return X[rows], y[rows]
+
+    return sample
 
 
 def corrupt(member, how):

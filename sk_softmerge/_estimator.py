@@ -25,21 +25,24 @@ from ._batchnorm import (
     recompute_batchnorm_statistics,
     use_batch_statistics,
 )
+from ._candidates import choose_start, fixed_rules
 from ._devices import resolve_device
 from ._evaluation import choose_lowest_loss, member_forward
 from ._export import save_merged
 from ._merging import SoftMerge
 from ._screening import extreme_units, nonfinite_members
 from ._tasks import prediction_function
-from ._training import learn_gates, warm_start
+from ._training import learn_gates
 
 INIT_LOG_ALPHA = 3.0
-"""Gates start open (deterministic gate 1), so training starts from the average;
-gates that screening finds suspicious start at minus this value, closed, and so
-do all but one member's when that member alone starts best."""
+"""Magnitude of the starting log-alphas: open gates of the starting rule start
+at this value (deterministic gate 1), all others at minus it (gate 0)."""
 
-SOFT_MERGE, UNIFORM = "soft merge", "uniform average"
-AVERAGE = "average"
+MAX_START_SAMPLES = 1024
+"""Without a held-out part, the fixed rules are compared on at most this many
+training samples, so that the comparison stays a small part of a fit."""
+
+SOFT_MERGE = "soft merge"
 
 
 class _SoftMergeBase(BaseEstimator):
@@ -60,6 +63,7 @@ class _SoftMergeBase(BaseEstimator):
         "merge": [None, str, list, tuple],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
         "align": [None, StrOptions({"weight_matching"})],
+        "refit": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -70,13 +74,14 @@ class _SoftMergeBase(BaseEstimator):
         estimators,
         *,
         l0_weight=1e-2,
-        max_epochs=20,
+        max_epochs=60,
         lr=5e-2,
         batch_size=128,
-        granularity="layer",
+        granularity="neuron",
         merge=None,
         validation_fraction=0.2,
         align=None,
+        refit=True,
         device="auto",
         random_state=None,
         verbose=0,
@@ -90,6 +95,7 @@ class _SoftMergeBase(BaseEstimator):
         self.merge = merge
         self.validation_fraction = validation_fraction
         self.align = align
+        self.refit = refit
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -97,6 +103,14 @@ class _SoftMergeBase(BaseEstimator):
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y):
         """Learn the gates that merge the members on ``(X, y)``.
+
+        The steps: check the members and leave out broken ones; build the
+        merger and screen extreme weights; score the fixed rules (uniform
+        average, each member, greedy soup) on the held-out part and start the
+        gates from the best; learn the gates, keeping the epoch that beats the
+        start significantly on the held-out part, if any; check the result
+        against every fixed rule; relearn those gates on all of ``(X, y)``;
+        build the merged net.
 
         Parameters
         ----------
@@ -116,104 +130,60 @@ class _SoftMergeBase(BaseEstimator):
         device = resolve_device(self.device)
         random_state = check_random_state(self.random_state)
         X_train, X_val, y_train, y_val = self._split_validation(X, y, random_state)
-        self.excluded_estimators_ = nonfinite_members([net.module_ for net in nets])
-        if len(self.excluded_estimators_) == len(nets):
-            raise ValueError(
-                "Every member holds non-finite weights (NaN or inf); there is "
-                "nothing to merge."
-            )
-        if self.excluded_estimators_:
-            warnings.warn(
-                f"estimators {self.excluded_estimators_} hold non-finite weights "
-                "(NaN or inf) and are excluded from the merge.",
-                UserWarning,
-                stacklevel=3,
-            )
-        kept = [i for i in range(len(nets)) if i not in self.excluded_estimators_]
-        modules = _member_modules([nets[i] for i in kept], X_train, self.align)
-
-        merger = SoftMerge(
-            modules,
-            granularity=self.granularity,
-            merge=self.merge,
-            init_log_alpha=INIT_LOG_ALPHA,
-            device=device,
-        )
-        screened = extreme_units(merger.theta, merger.unit_index, len(merger.units))
-        with torch.no_grad():
-            merger.log_alpha[screened] = -INIT_LOG_ALPHA
-        # Unmerged parameters and buffers come from the first member that looks
-        # sound everywhere, so a malicious member never supplies them.
-        sound = (~screened.any(dim=1)).nonzero()
-        position = int(sound[0]) if len(sound) else 0
-        reference = kept[position]
-        merger.set_reference(modules[position])
-        use_batch_statistics(merger.eval().template)
-
-        X_train = torch.as_tensor(X_train, device=device)
+        kept = self._usable_members(nets)
+        merger, average, reference = self._build_merger(nets, kept, X_train, device)
+        X, y, X_train, y_train = _on_device(device, X, y, X_train, y_train)
         self._check_targets(_check_forward(merger, X_train), y_train)
         generator = torch.Generator(device=device).manual_seed(
             int(random_state.randint(np.iinfo(np.int32).max))
         )
-        # A single sound member is its own merge: there are no gates to learn.
         validation = None
         if X_val is not None:
-            X_val = torch.as_tensor(X_val, device=device)
-            y_val = torch.as_tensor(y_val, device=device)
-            validation = (X_val, y_val)
-        y_train = torch.as_tensor(y_train, device=device)
+            validation = tuple(_on_device(device, X_val, y_val))
+        evaluate = self._candidate_evaluation(
+            merger, nets, reference, *(validation or (X_train, y_train)), generator
+        )
+        candidates, losses = self._fixed_rules(merger, average, nets, kept, evaluate)
+        start = choose_start(candidates, losses)
+        self.start_ = start.name
+        merger.start_from(start.gates, INIT_LOG_ALPHA)
+
         loss = self._task_loss(nets[reference], device)
-        start = None
-        if len(kept) > 1:
-            start = warm_start(
-                merger,
-                loss,
-                *(validation or (X_train, y_train)),
-                members=sound.flatten().tolist(),
-                log_alpha=INIT_LOG_ALPHA,
-                generator=generator,
-            )
-        self.start_ = AVERAGE if start is None else f"member {kept[start]}"
-        training = learn_gates(
+        learning = partial(
+            learn_gates,
             merger,
             loss,
-            X_train,
-            y_train,
             l0_weight=self.l0_weight,
-            max_epochs=self.max_epochs if len(kept) > 1 else 0,
             lr=self.lr,
             batch_size=self.batch_size,
             generator=generator,
-            validation=validation,
             verbose=self.verbose,
+        )
+        training = learning(
+            X_train,
+            y_train,
+            max_epochs=self.max_epochs if len(kept) > 1 else 0,
+            validation=validation,
         )
         self.loss_curve_ = training.loss_curve
         self.validation_loss_curve_ = training.validation_loss_curve
         self.best_epoch_ = training.best_epoch
         self.n_iter_ = len(self.loss_curve_)
-        self.unit_names_ = merger.unit_names
-        self.screened_ = _per_estimator(screened.cpu().numpy(), kept, len(nets))
 
-        gates = merger.gates().detach()
         self.selected_, self.validation_scores_ = SOFT_MERGE, None
-        if X_val is not None:
-            losses = self._validation_losses(
-                merger, gates, nets, kept, reference, X_val, y_val
-            )
-            self.validation_scores_ = {
-                name: self._score_of(loss) for name, loss in losses.items()
-            }
+        if validation is not None:
+            merge = evaluate(partial(merger, gates=merger.gates()))
+            losses = {SOFT_MERGE: merge, **losses}
+            self.validation_scores_ = self._scores(losses)
             self.selected_ = choose_lowest_loss(losses, SOFT_MERGE)
-        if self.selected_ in (SOFT_MERGE, UNIFORM):
-            if self.selected_ == UNIFORM:
-                gates = torch.ones_like(gates)
-            state = _merged_state(merger, gates, X_train)
+        if self.selected_ == SOFT_MERGE:
+            if self.refit and validation is not None and self.best_epoch_ > 0:
+                merger.start_from(start.gates, INIT_LOG_ALPHA)
+                learning(X, y, max_epochs=self.best_epoch_)
+            gates = merger.gates().detach()
+            state = _merged_state(merger, gates, X)
         else:
-            member = int(self.selected_.split()[-1])
-            gates = torch.zeros_like(gates)
-            gates[kept.index(member)] = 1.0
-            state = nets[member].module_.state_dict()
-        if self.selected_ != SOFT_MERGE:
+            fallback = next(c for c in candidates if c.name == self.selected_)
             warnings.warn(
                 f"The soft merge scored {self.validation_scores_[SOFT_MERGE]:.4f} on "
                 f"the validation data, significantly below {self.selected_} "
@@ -222,6 +192,12 @@ class _SoftMergeBase(BaseEstimator):
                 UserWarning,
                 stacklevel=3,
             )
+            gates = fallback.gates
+            if fallback.member is None:
+                state = _merged_state(merger, gates, X)
+            else:
+                state = nets[fallback.member].module_.state_dict()
+        self.unit_names_ = merger.unit_names
         self.gates_ = _per_estimator(gates.cpu().numpy(), kept, len(nets))
         self.merged_net_ = self._build_net(nets[reference], state)
         return self
@@ -233,25 +209,82 @@ class _SoftMergeBase(BaseEstimator):
         seed = random_state.randint(np.iinfo(np.int32).max)
         return self._split(X, y, self.validation_fraction, seed)
 
-    def _validation_losses(self, merger, gates, nets, kept, reference, X_val, y_val):
-        """Per-sample validation loss of the soft merge, the uniform average and
-        each member (``None`` for a candidate that does not predict).
+    def _usable_members(self, nets) -> list[int]:
+        """Positions of the members without NaN or inf; sets
+        ``excluded_estimators_`` and warns about the others."""
+        self.excluded_estimators_ = nonfinite_members([net.module_ for net in nets])
+        if len(self.excluded_estimators_) == len(nets):
+            raise ValueError(
+                "Every member holds non-finite weights (NaN or inf); there is "
+                "nothing to merge."
+            )
+        if self.excluded_estimators_:
+            warnings.warn(
+                f"estimators {self.excluded_estimators_} hold non-finite weights "
+                "(NaN or inf) and are excluded from the merge.",
+                UserWarning,
+                stacklevel=4,
+            )
+        return [i for i in range(len(nets)) if i not in self.excluded_estimators_]
 
+    def _build_merger(self, nets, kept, X_train, device):
+        """The merger of the usable members, with extreme weights screened.
+
+        Returns the merger, the gates of the uniform average (closed where a
+        member's weights on a unit are extreme) and the position in ``nets`` of
+        the reference member, the first one screened nowhere: unmerged
+        parameters and buffers come from it, so a malicious member never
+        supplies them. Sets ``screened_``.
         """
+        modules = _member_modules([nets[i] for i in kept], X_train, self.align)
+        merger = SoftMerge(
+            modules,
+            granularity=self.granularity,
+            merge=self.merge,
+            init_log_alpha=INIT_LOG_ALPHA,
+            device=device,
+        )
+        screened = extreme_units(merger.theta, merger.unit_index, len(merger.units))
+        self.screened_ = _per_estimator(screened.cpu().numpy(), kept, len(nets))
+        sound = (~screened.any(dim=1)).nonzero()
+        position = int(sound[0]) if len(sound) else 0
+        merger.set_reference(modules[position])
+        use_batch_statistics(merger.eval().template)
+        return merger, (~screened).to(merger.log_alpha.dtype), kept[position]
+
+    def _candidate_evaluation(self, merger, nets, reference, X, y, generator):
+        """``evaluate(forward)``: per-sample losses of a model on the held-out
+        part (on at most ``MAX_START_SAMPLES`` training samples without one)."""
+        if self.validation_fraction == 0 and X.shape[0] > MAX_START_SAMPLES:
+            # Training data: a subsample tells the rules apart well enough.
+            keep = torch.randperm(X.shape[0], generator=generator, device=X.device)
+            X, y = X[keep[:MAX_START_SAMPLES]], y[keep[:MAX_START_SAMPLES]]
         predict = prediction_function(nets[reference])
-        candidates = {
-            SOFT_MERGE: partial(merger, gates=gates),
-            UNIFORM: partial(merger, gates=torch.ones_like(gates)),
-        }
+        return partial(self._per_sample_losses, X=X, y=y, predict=predict)
+
+    def _fixed_rules(self, merger, average, nets, kept, evaluate):
+        """The candidates of :func:`fixed_rules` and their per-sample losses."""
         # Members are evaluated as they predict: with their own batch-norm
-        # statistics.
-        evaluation = copy.deepcopy(merger.template).eval()
-        for i in kept:
-            candidates[f"member {i}"] = member_forward(evaluation, nets[i].module_)
-        return {
-            name: self._per_sample_losses(forward, X_val, y_val, predict)
-            for name, forward in candidates.items()
-        }
+        # statistics, in a copy of the template.
+        template = copy.deepcopy(merger.template).eval()
+        member_losses = [
+            evaluate(member_forward(template, nets[i].module_)) for i in kept
+        ]
+
+        def soup_score(gates):
+            return self._score_of(evaluate(partial(merger, gates=gates)))
+
+        member_scores = [self._score_of(losses) for losses in member_losses]
+        candidates = fixed_rules(average, kept, member_scores, soup_score)
+        losses = dict(zip((f"member {i}" for i in kept), member_losses, strict=True))
+        for candidate in candidates:
+            if candidate.member is None:
+                forward = partial(merger, gates=candidate.gates)
+                losses[candidate.name] = evaluate(forward)
+        return candidates, losses
+
+    def _scores(self, losses: dict) -> dict[str, float]:
+        return {name: self._score_of(value) for name, value in losses.items()}
 
     def save_merged(self, path):
         """Write the merged net to ``path`` with safetensors, without pickle.
@@ -328,6 +361,10 @@ def _member_modules(nets, X: np.ndarray, align: str | None) -> list:
         return modules
     example = torch.as_tensor(X[:2])
     return align_modules(modules, example)
+
+
+def _on_device(device, *arrays) -> list[torch.Tensor]:
+    return [torch.as_tensor(array, device=device) for array in arrays]
 
 
 def _merged_state(merger: SoftMerge, gates: torch.Tensor, X: torch.Tensor) -> dict:

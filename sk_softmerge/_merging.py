@@ -532,6 +532,32 @@ class SoftMerge(torch.nn.Module):
         template = copy.deepcopy(module).to(self.theta.device).requires_grad_(False)
         self.template = template.train(training)
 
+    @torch.no_grad()
+    def start_from(self, gates: torch.Tensor, magnitude: float = 3.0) -> None:
+        """Set every log-alpha to ``magnitude`` where ``gates`` is open, else
+        to ``-magnitude``: the deterministic gates become those 0/1 gates.
+
+        Parameters
+        ----------
+        gates : torch.Tensor of shape (n_members, n_units)
+            Gates to start from; open where positive.
+        magnitude : float, default=3.0
+            Size of the log-alphas; 3 gives deterministic gates of exactly 0
+            and 1 that training can still move.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from sk_softmerge import SoftMerge
+        >>> merger = SoftMerge([torch.nn.Linear(2, 1) for _ in range(2)])
+        >>> merger.start_from(torch.tensor([[0.0], [1.0]]))
+        >>> merger.gates()
+        tensor([[0.],
+                [1.]], grad_fn=<ClampBackward1>)
+        """
+        magnitude = torch.tensor(magnitude, dtype=self.log_alpha.dtype)
+        self.log_alpha.copy_(torch.where(gates > 0, magnitude, -magnitude))
+
     @property
     def unit_names(self) -> list[str]:
         """Names of the merge units, in order."""

@@ -1,7 +1,7 @@
 """Learning the gates of a :class:`SoftMerge` by minibatch gradient descent."""
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -214,92 +214,6 @@ def _losses_of_batch(loss_fn, output, y):
         return torch.stack(
             [loss_fn(output[i : i + 1], y[i : i + 1]) for i in range(len(y))]
         )
-
-
-@torch.no_grad()
-def warm_start(
-    merger: SoftMerge,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    X: torch.Tensor,
-    y: torch.Tensor,
-    members: Sequence[int],
-    log_alpha: float = 3.0,
-    max_samples: int = 1024,
-    generator: torch.Generator | None = None,
-) -> int | None:
-    """Start the gates from one member alone if it beats the current merge.
-
-    Gate descent finds a local optimum near its start. The average of members
-    that share a basin is usually a better start than any of them, but the
-    average of independently trained members, even aligned ones, can be far
-    worse than each: there, starting from the best member keeps the descent
-    where the members are good.
-
-    A member replaces the current gates only when its per-sample losses are
-    significantly lower (the one-sided paired test of
-    :func:`~sk_softmerge._evaluation.choose_lowest_loss`), so that a member
-    that is merely more confident than the average, not more accurate, does
-    not take the start from it.
-
-    Parameters
-    ----------
-    merger : SoftMerge
-        Its current deterministic gates are the default; when a member
-        beats them, its gates are set to ``log_alpha`` and every other
-        gate to ``-log_alpha``.
-    loss_fn : callable
-        ``loss_fn(output, y)`` returning the mean task loss.
-    X, y : torch.Tensor
-        Data to compare the candidates on, on the merger's device.
-    members : sequence of int
-        Rows of the members that may be a start on their own.
-    log_alpha : float, default=3.0
-        Magnitude of the log-alphas of a member start.
-    max_samples : int, default=1024
-        Larger data are compared on this many samples drawn at random, so that
-        the comparison of ``len(members) + 1`` candidates stays a small part
-        of a fit.
-    generator : torch.Generator, default=None
-        Source of that draw, on the merger's device.
-
-    Returns
-    -------
-    member : int or None
-        The member the gates start from; ``None`` keeps the current gates.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sk_softmerge import SoftMerge
-    >>> from sk_softmerge._training import warm_start
-    >>> good, bad = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
-    >>> with torch.no_grad():
-    ...     _ = good.weight.fill_(1.0), good.bias.zero_()
-    ...     _ = bad.weight.fill_(-5.0), bad.bias.zero_()
-    >>> merger = SoftMerge([bad, good])
-    >>> X = torch.linspace(-1, 1, 9).unsqueeze(1)
-    >>> warm_start(merger, torch.nn.functional.mse_loss, X, X, members=[0, 1])
-    1
-    >>> merger.gates().detach()
-    tensor([[0.],
-            [1.]])
-    """
-    if X.shape[0] > max_samples:
-        keep = torch.randperm(X.shape[0], generator=generator, device=X.device)
-        X, y = X[keep[:max_samples]], y[keep[:max_samples]]
-    current = merger.gates()
-    losses = {"current": _per_sample_task_losses(merger, loss_fn, X, y, gates=current)}
-    for k in members:
-        alone = torch.zeros_like(current)
-        alone[k] = 1.0
-        losses[str(k)] = _per_sample_task_losses(merger, loss_fn, X, y, gates=alone)
-    chosen = choose_lowest_loss(losses, "current")
-    if chosen == "current":
-        return None
-    member = int(chosen)
-    merger.log_alpha.fill_(-log_alpha)
-    merger.log_alpha[member] = log_alpha
-    return member
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ import torch
 from sklearn.base import BaseEstimator, _fit_context
 
 from ._base import MemberClassifierMixin, MemberRegressorMixin
+from ._candidates import greedy_soup
 from ._evaluation import member_forward
 from ._merging import SoftMerge
 from ._tasks import prediction_function
@@ -125,13 +126,7 @@ class _GreedySoup(_SoupBase):
             return score(soup)
 
         member_scores = [score(member_forward(template, net.module_)) for net in nets]
-        order = np.argsort(member_scores, kind="stable")[::-1].tolist()
-        self.ingredients_, self.score_ = [order[0]], soup_score([order[0]])
-        for candidate in order[1:]:
-            trial = soup_score([*self.ingredients_, candidate])
-            if trial >= self.score_:
-                self.ingredients_.append(candidate)
-                self.score_ = trial
+        self.ingredients_, self.score_ = greedy_soup(member_scores, soup_score)
         self.merged_net_ = self._soup(nets, self.ingredients_)
 
 

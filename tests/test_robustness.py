@@ -106,7 +106,7 @@ class TestValidationFallback:
     def test_falls_back_to_best_member_exactly(self, good_and_weak, split, monkeypatch):
         X_train, X_test, y_train, _ = split
         # Started from the average, which is far worse than the good member.
-        monkeypatch.setattr(sk_softmerge._estimator, "warm_start", _average_start)
+        monkeypatch.setattr(sk_softmerge._estimator, "choose_start", _average_start)
         members = good_and_weak
         good = members[1]
         merge = SoftMergeClassifier(members, max_epochs=1, lr=1e-6, random_state=0)
@@ -208,5 +208,5 @@ class TestMaliciousMembers:
             assert np.isfinite(merge.predict_proba(X_test)).all()
 
 
-def _average_start(*args, **kwargs):
-    return None
+def _average_start(candidates, losses):
+    return candidates[0]

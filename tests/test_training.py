@@ -3,14 +3,8 @@ import pytest
 import torch
 
 from sk_softmerge import SoftMerge
-from sk_softmerge import _training as training
 from sk_softmerge._gates import logistic_noise
-from sk_softmerge._training import (
-    Adam,
-    _per_sample_task_losses,
-    learn_gates,
-    warm_start,
-)
+from sk_softmerge._training import Adam, _per_sample_task_losses, learn_gates
 
 
 def test_adam_matches_torch_adam():
@@ -99,42 +93,6 @@ def _linear(weight):
     with torch.no_grad():
         module.weight.fill_(weight)
     return module
-
-
-def test_warm_start_keeps_the_average_when_it_is_best():
-    X = torch.linspace(-1, 1, 9).unsqueeze(1)
-    merger = SoftMerge([_linear(0.5), _linear(1.5)])
-    before = merger.log_alpha.detach().clone()
-    loss = torch.nn.functional.mse_loss
-    assert warm_start(merger, loss, X, X, members=[0, 1]) is None
-    assert torch.equal(merger.log_alpha, before)
-
-
-def test_warm_start_only_considers_the_members_given():
-    X = torch.linspace(-1, 1, 9).unsqueeze(1)
-    merger = SoftMerge([_linear(-3.0), _linear(1.0), _linear(0.9)])
-    loss = torch.nn.functional.mse_loss
-    assert warm_start(merger, loss, X, X, members=[0, 2], log_alpha=2.0) == 2
-    assert merger.log_alpha[:, 0].tolist() == [-2.0, -2.0, 2.0]
-
-
-def test_warm_start_compares_on_a_subsample_of_large_data(monkeypatch):
-    X = torch.linspace(-1, 1, 300).unsqueeze(1)
-    merger = SoftMerge([_linear(-3.0), _linear(1.0)])
-    sizes = []
-
-    def recording(merger, loss_fn, X, y, gates):
-        sizes.append(len(X))
-        return _per_sample_task_losses(merger, loss_fn, X, y, gates)
-
-    monkeypatch.setattr(training, "_per_sample_task_losses", recording)
-    loss = torch.nn.functional.mse_loss
-    generator = torch.Generator().manual_seed(0)
-    chosen = warm_start(
-        merger, loss, X, X, members=[0, 1], max_samples=50, generator=generator
-    )
-    assert chosen == 1
-    assert sizes == [50, 50, 50]
 
 
 class TestValidationKeepsSignificantGainsOnly:
