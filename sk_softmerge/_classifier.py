@@ -22,29 +22,33 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         architecture and one set of classes, or such nets wrapped in
         :class:`~sklearn.frozen.FrozenEstimator`. They are never moved,
         modified or re-fitted; ``clone`` keeps them fitted.
-    l0_weight : float, default=1e-2
+    l0_weight : float, default=0.0
         Weight of the mean expected L0 norm of the gates in the objective.
-        Larger values close more gates; ``0`` disables the penalty.
-    max_epochs : int, default=20
+        Larger values close more gates, so that fewer members carry each unit;
+        ``0`` (the default, the most accurate in our benchmarks) lets the task
+        loss alone decide. See *Choosing l0_weight* in the Notes.
+    max_epochs : int, default=60
         Passes over the training data.
     lr : float, default=5e-2
         Adam learning rate of the gates' log-alphas.
     batch_size : int, default=128
         Samples per gradient step.
-    granularity : {"layer", "tensor", "neuron"}, default="layer"
-        What a gate covers: all parameters of a module (``"layer"``), one
-        parameter tensor (``"tensor"``), or one output unit or channel of a
-        module with its bias (``"neuron"``).
+    granularity : {"neuron", "layer", "tensor"}, default="neuron"
+        What a gate covers: one output unit or channel of a module with its
+        bias (``"neuron"``), all parameters of a module (``"layer"``), or one
+        parameter tensor (``"tensor"``). Neuron gates let each member carry
+        the units it is good at; layer gates can only reweight whole layers.
     merge : None, str or list of str, default=None
         Name patterns (shell-style, as in :mod:`fnmatch`) of the modules or
         parameters to merge, e.g. ``["0", "2.weight"]``; the rest is copied from
         the reference member. ``None`` merges everything.
     validation_fraction : float, default=0.2
-        Fraction of ``(X, y)`` held out, stratified, to compare the merge with
-        every member and with uniform weight averaging. When one of them is
-        significantly more accurate than the merge there (see Notes), ``fit``
-        warns and falls back to it; a member is then reproduced exactly. ``0``
-        trains on all data and compares nothing.
+        Fraction of ``(X, y)`` held out, stratified, to choose the fixed rule
+        the gates start from (uniform average, a member alone, greedy soup),
+        the epoch to keep, and to compare the learned merge with every fixed
+        rule. When one is significantly more accurate than the merge there
+        (see Notes), ``fit`` warns and falls back to it; a member is then
+        reproduced exactly. ``0`` trains on all data and compares nothing.
     align : {None, "weight_matching"}, default=None
         ``None`` assumes the members share one basin (forked from one training,
         or fine-tuned from one checkpoint). ``"weight_matching"`` first permutes
@@ -52,6 +56,12 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         (Git Re-Basin weight matching [3]_), as members trained from different
         random initialisations need; see :func:`~sk_softmerge.align_modules`
         for the supported layers.
+    refit : bool, default=True
+        When the learned gates beat their start on the held-out part, learn
+        them again from the same start on all of ``(X, y)`` for the number of
+        epochs that the held-out part chose (``best_epoch_``), so that the
+        held-out samples train the gates too. ``False`` keeps the gates that
+        the held-out part checked. No effect with ``validation_fraction=0``.
     device : str, default="auto"
         Where the gates are learned: ``"auto"`` (CUDA when available), ``"cpu"``,
         ``"cuda"`` or ``"cuda:N"``.
@@ -80,12 +90,15 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         A fitted net of the members' class and parameters holding the merged
         weights; it can be used on its own.
     validation_scores_ : dict of str to float or None
-        Validation accuracy of ``"soft merge"``, ``"uniform average"`` and every
-        ``"member i"`` that was not excluded (``-1`` for a candidate whose
-        probabilities are not finite); ``None`` when ``validation_fraction=0``.
+        Validation accuracy of ``"soft merge"`` (the gates checked there),
+        ``"uniform average"``, every ``"member i"`` that was not excluded and
+        ``"greedy soup"`` (when it is neither one member nor the average);
+        ``-1`` for a candidate whose probabilities are not finite; ``None``
+        when ``validation_fraction=0``.
     selected_ : str
-        Which candidate ``merged_net_`` holds: ``"soft merge"`` unless ``fit``
-        fell back.
+        Which candidate ``merged_net_`` holds: ``"soft merge"`` (the learned
+        gates, or their start when no epoch beat it) unless ``fit`` fell back
+        to a fixed rule.
     excluded_estimators_ : list of int
         Members left out because they hold NaN or inf.
     screened_ : ndarray of shape (n_estimators, n_units), dtype bool
@@ -97,8 +110,9 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         Task loss of the merge on the validation data before training and after
         every epoch; empty when ``validation_fraction=0``.
     start_ : str
-        Where gate learning started: ``"average"`` (the average of the members
-        whose gates start open) or ``"member i"`` alone (see Notes).
+        The fixed rule gate learning started from: ``"uniform average"`` (of
+        the members not screened), ``"greedy soup"`` or ``"member i"`` alone
+        (see Notes).
     best_epoch_ : int
         Epoch whose gates were kept: the one with the lowest validation loss
         if significantly lower than the start's, else ``0`` (the start); the
@@ -124,24 +138,25 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
     reason, batch-norm layers normalise with each batch's statistics while the
     gates learn.
 
-    *Training.* Gates start open (log-alpha 3), that is from the uniform average of
-    the members, unless one member alone has a lower loss on the validation data (on
-    the training data when ``validation_fraction=0``): then that member's gates
-    start open and every other gate closed (log-alpha -3). The average is the better
-    start for members that share a basin; one member is the better start for
-    independently trained ones, whose average, even aligned, is far worse than each
-    of them. The objective is the members' own loss (``CrossEntropyLoss`` on logits,
-    ``NLLLoss`` on the probabilities of a module ending in softmax,
-    ``BCEWithLogitsLoss`` on the one logit of a ``NeuralNetBinaryClassifier``; any
-    other criterion is replaced by the negative log likelihood of the predicted
-    probabilities) plus ``l0_weight`` times the mean expected L0 norm of all gates;
-    dividing by the number of gates keeps one scale of ``l0_weight`` for every
-    architecture and number of members. With validation data, the gates of the epoch
-    with the lowest validation loss are kept if their per-sample validation losses
-    are significantly lower than the start's (the one-sided paired test of
-    *Validation* below, on the task loss); otherwise the start is kept. Members that
-    share a basin often gain too little over their average for a validation set to
-    tell, and then the merge is that average.
+    *Training.* The gates start from a fixed rule: the uniform average (every
+    gate open, log-alpha 3), unless a member alone or the greedy soup (members
+    added in order of validation accuracy while it does not drop; Wortsman et
+    al., 2022) is significantly more accurate on the held-out part (the test of
+    *Validation* below); then that rule's gates start open and all others
+    closed (log-alpha -3). Without a held-out part, the rules are compared on at
+    most 1,024 training samples. The objective is the members' own loss
+    (``CrossEntropyLoss`` on logits, ``NLLLoss`` on the probabilities of a module
+    ending in softmax, ``BCEWithLogitsLoss`` on the one logit of a
+    ``NeuralNetBinaryClassifier``; any other criterion is replaced by the
+    negative log likelihood of the predicted probabilities) plus ``l0_weight``
+    times the mean expected L0 norm of all gates; dividing by the number of gates
+    keeps one scale of ``l0_weight`` for every architecture and number of
+    members. The gates of the epoch with the lowest held-out loss are kept if
+    their per-sample held-out losses are significantly lower than the start's
+    (the one-sided paired test of *Validation*, on the task loss); otherwise
+    the start is kept (``best_epoch_ == 0``), and the merge is that fixed rule.
+    With ``refit=True``, kept gates are then learned again from the same start
+    on all of ``(X, y)`` for ``best_epoch_`` epochs.
 
     *Choosing l0_weight.* ``0`` lets the task loss alone decide; the default
     ``1e-2`` barely closes a gate that the loss does not need; ``0.1`` closes
@@ -163,8 +178,9 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
     and, for a ``NeuralNetBinaryClassifier``, predicts class 1 above its
     ``threshold``, as the members do.
 
-    *Validation.* On the held-out part, the merge is compared with the uniform
-    average and every member. A candidate replaces the merge only if it is
+    *Validation.* On the held-out part, the learned merge is compared with
+    every fixed rule: the uniform average, every member and the greedy soup. A
+    candidate replaces the merge only if it is
     significantly more accurate on the same samples: the samples only it gets
     right must outnumber those only the merge gets right by more than twice
     the square root of their sum (a one-sided McNemar test at two sigma), so
@@ -199,8 +215,10 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
     ...                                max_epochs=20, lr=0.1, verbose=0).fit(X, y)
     >>> merge = SoftMergeClassifier([member(0), member(0)], max_epochs=5,
     ...                             random_state=0).fit(X, y)
-    >>> merge.gates_.shape
-    (2, 2)
+    >>> merge.gates_.shape   # one gate per member and output unit: 16 + 3
+    (2, 19)
+    >>> merge.unit_names_[:2]
+    ['0[0]', '0[1]']
     >>> merge.predict(X[:3])
     array([0, 0, 0])
     """

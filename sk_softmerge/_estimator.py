@@ -73,7 +73,7 @@ class _SoftMergeBase(BaseEstimator):
         self,
         estimators,
         *,
-        l0_weight=1e-2,
+        l0_weight=0.0,
         max_epochs=60,
         lr=5e-2,
         batch_size=128,

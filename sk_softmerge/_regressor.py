@@ -23,34 +23,44 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         architecture, or such nets wrapped in
         :class:`~sklearn.frozen.FrozenEstimator`. They are never moved,
         modified or re-fitted; ``clone`` keeps them fitted.
-    l0_weight : float, default=1e-2
+    l0_weight : float, default=0.0
         Weight of the mean expected L0 norm of the gates in the objective.
-        Larger values close more gates; ``0`` disables the penalty.
-    max_epochs : int, default=20
+        Larger values close more gates, so that fewer members carry each unit;
+        ``0`` (the default, the most accurate in our benchmarks) lets the task
+        loss alone decide. See *Choosing l0_weight* in the Notes.
+    max_epochs : int, default=60
         Passes over the training data.
     lr : float, default=5e-2
         Adam learning rate of the gates' log-alphas.
     batch_size : int, default=128
         Samples per gradient step.
-    granularity : {"layer", "tensor", "neuron"}, default="layer"
-        What a gate covers: all parameters of a module (``"layer"``), one
-        parameter tensor (``"tensor"``), or one output unit or channel of a
-        module with its bias (``"neuron"``).
+    granularity : {"neuron", "layer", "tensor"}, default="neuron"
+        What a gate covers: one output unit or channel of a module with its
+        bias (``"neuron"``), all parameters of a module (``"layer"``), or one
+        parameter tensor (``"tensor"``). Neuron gates let each member carry
+        the units it is good at; layer gates can only reweight whole layers.
     merge : None, str or list of str, default=None
         Name patterns (shell-style, as in :mod:`fnmatch`) of the modules or
         parameters to merge; the rest is copied from the reference member.
         ``None`` merges everything.
     validation_fraction : float, default=0.2
-        Fraction of ``(X, y)`` held out, at random, to compare the merge with
-        every member and with uniform weight averaging. When one of them has a
-        significantly lower squared error than the merge there (see Notes),
-        ``fit`` warns and falls back to it; a member is then reproduced
-        exactly. ``0`` trains on all data and compares nothing.
+        Fraction of ``(X, y)`` held out, at random, to choose the fixed rule
+        the gates start from (uniform average, a member alone, greedy soup),
+        the epoch to keep, and to compare the learned merge with every fixed
+        rule. When one has a significantly lower squared error than the merge
+        there (see Notes), ``fit`` warns and falls back to it; a member is then
+        reproduced exactly. ``0`` trains on all data and compares nothing.
     align : {None, "weight_matching"}, default=None
         ``None`` assumes the members share one basin (forked from one training,
         or fine-tuned from one checkpoint). ``"weight_matching"`` first permutes
         the hidden units of copies of the members to match the first member;
         see :func:`~sk_softmerge.align_modules`.
+    refit : bool, default=True
+        When the learned gates beat their start on the held-out part, learn
+        them again from the same start on all of ``(X, y)`` for the number of
+        epochs that the held-out part chose (``best_epoch_``), so that the
+        held-out samples train the gates too. ``False`` keeps the gates that
+        the held-out part checked. No effect with ``validation_fraction=0``.
     device : str, default="auto"
         Where the gates are learned: ``"auto"`` (CUDA when available), ``"cpu"``,
         ``"cuda"`` or ``"cuda:N"``.
@@ -82,12 +92,15 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         merged weights; it can be used on its own (it predicts shape
         ``(n_samples, n_outputs)``, as skorch regressors do).
     validation_scores_ : dict of str to float or None
-        Validation R^2 of ``"soft merge"``, ``"uniform average"`` and every
-        ``"member i"`` that was not excluded (``-inf`` for a candidate whose
-        predictions are not finite); ``None`` when ``validation_fraction=0``.
+        Validation R^2 of ``"soft merge"`` (the gates checked there),
+        ``"uniform average"``, every ``"member i"`` that was not excluded and
+        ``"greedy soup"`` (when it is neither one member nor the average);
+        ``-inf`` for a candidate whose predictions are not finite; ``None``
+        when ``validation_fraction=0``.
     selected_ : str
-        Which candidate ``merged_net_`` holds: ``"soft merge"`` unless ``fit``
-        fell back.
+        Which candidate ``merged_net_`` holds: ``"soft merge"`` (the learned
+        gates, or their start when no epoch beat it) unless ``fit`` fell back
+        to a fixed rule.
     excluded_estimators_ : list of int
         Members left out because they hold NaN or inf.
     screened_ : ndarray of shape (n_estimators, n_units), dtype bool
@@ -99,8 +112,9 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         Task loss of the merge on the validation data before training and after
         every epoch; empty when ``validation_fraction=0``.
     start_ : str
-        Where gate learning started: ``"average"`` (the average of the members
-        whose gates start open) or ``"member i"`` alone (see Notes).
+        The fixed rule gate learning started from: ``"uniform average"`` (of
+        the members not screened), ``"greedy soup"`` or ``"member i"`` alone
+        (see :class:`SoftMergeClassifier`).
     best_epoch_ : int
         Epoch whose gates were kept: the one with the lowest validation loss
         if significantly lower than the start's, else ``0`` (the start); the
@@ -126,13 +140,14 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
     regressors do; ``score`` is the coefficient of determination R^2 (averaged
     uniformly over outputs).
 
-    *Validation.* On the held-out part, the merge is compared with the uniform
-    average and every member by their squared errors on the same samples, each
-    output's error divided by the variance of its targets (so that one minus
-    the mean is R^2). With ``d`` the merge's error minus a candidate's, sample
-    by sample, the candidate replaces the merge only if ``sum(d)`` exceeds
-    twice ``sqrt(sum(d ** 2))``: a one-sided paired test of the differences at
-    two sigma, the test that the classifier's McNemar test is for 0/1 errors.
+    *Validation.* On the held-out part, the merge is compared with every fixed
+    rule (uniform average, every member, greedy soup) by their squared errors
+    on the same samples, each output's error divided by the variance of its
+    targets (so that one minus the mean is R^2). With ``d`` the merge's error
+    minus a candidate's, sample by sample, the candidate replaces the merge
+    only if ``sum(d)`` exceeds twice ``sqrt(sum(d ** 2))``: a one-sided paired
+    test of the differences at two sigma, the test that the classifier's
+    McNemar test is for 0/1 errors.
     Validation data that the members were trained on favours them.
 
     Examples
@@ -152,8 +167,8 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
     ...                               verbose=0).fit(X, y[:, None])
     >>> merge = SoftMergeRegressor([member(0), member(0)], max_epochs=5,
     ...                            random_state=0).fit(X, y)
-    >>> merge.gates_.shape
-    (2, 2)
+    >>> merge.gates_.shape   # one gate per member and output unit: 16 + 1
+    (2, 17)
     >>> merge.predict(X[:3]).shape
     (3,)
     >>> merge.score(X, y) > 0.3

@@ -59,7 +59,7 @@ def softmax_members(cancer):
 
 @pytest.fixture(scope="module")
 def merge(binary, cancer):
-    return SoftMergeClassifier(binary, random_state=0).fit(*cancer)
+    return SoftMergeClassifier(binary, granularity="layer", random_state=0).fit(*cancer)
 
 
 class TestBinaryMembers:

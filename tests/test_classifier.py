@@ -23,7 +23,8 @@ from sk_softmerge import SoftMergeClassifier
 
 from conftest import check_refused, forked_members, parameters_of
 
-FAST = dict(max_epochs=2, random_state=0, validation_fraction=0)
+# Layer gates: one per member and per Linear, the shapes asserted below.
+FAST = dict(max_epochs=2, random_state=0, validation_fraction=0, granularity="layer")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -43,6 +44,17 @@ class TestFit:
         assert fitted.unit_names_ == ["0", "2"]
         assert len(fitted.loss_curve_) == fitted.n_iter_ == 2
         assert all(np.isfinite(fitted.loss_curve_))
+
+    def test_defaults_learn_neuron_gates(self, members, digits):
+        defaults = SoftMergeClassifier(members).get_params()
+        assert defaults["granularity"] == "neuron" and defaults["max_epochs"] == 60
+        assert defaults["l0_weight"] == 0.0 and defaults["refit"] is True
+        merge = SoftMergeClassifier(members, max_epochs=2, random_state=0)
+        merge.fit(*digits)
+        # One gate per member and per output unit: 16 hidden units, 10 classes.
+        assert merge.gates_.shape == (3, 16 + 10)
+        assert merge.unit_names_[:2] == ["0[0]", "0[1]"]
+        assert merge.unit_names_[-1] == "2[9]"
 
     def test_predict_proba_and_score(self, fitted, digits):
         X, y = digits
@@ -121,7 +133,7 @@ class TestFit:
         "granularity, n_units", [("tensor", 4), ("neuron", 26), ("layer", 2)]
     )
     def test_granularity(self, members, digits, granularity, n_units):
-        merge = SoftMergeClassifier(members, granularity=granularity, **FAST)
+        merge = SoftMergeClassifier(members, **{**FAST, "granularity": granularity})
         merge.fit(*digits)
         assert merge.gates_.shape == (3, n_units)
         assert len(merge.unit_names_) == n_units

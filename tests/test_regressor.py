@@ -36,7 +36,8 @@ from conftest import (
     parameters_of,
 )
 
-FAST = dict(max_epochs=2, random_state=0, validation_fraction=0)
+# Layer gates: one per member and per Linear, the shapes asserted below.
+FAST = dict(max_epochs=2, random_state=0, validation_fraction=0, granularity="layer")
 
 
 def fit_quietly(estimator, X, y):
@@ -199,7 +200,13 @@ class TestValidation:
             ]
             for s in (3, 4)
         ]
-        merge = SoftMergeRegressor([weak[0], good, weak[1]], random_state=0)
+        merge = SoftMergeRegressor(
+            [weak[0], good, weak[1]],
+            max_epochs=1,
+            lr=1e-6,
+            granularity="layer",
+            random_state=0,
+        )
         with pytest.warns(UserWarning, match="falling back to member 1"):
             merge.fit(X_train, y_train)
         assert merge.selected_ == "member 1"
@@ -214,7 +221,9 @@ class TestValidation:
         weak = forked_regressors(
             X_train, y_train[:, None], n_members=1, seed=3, lr=1e-4
         )[0]
-        merge = SoftMergeRegressor([weak, good], max_epochs=1, lr=1e-6, random_state=0)
+        merge = SoftMergeRegressor(
+            [weak, good], max_epochs=1, lr=1e-6, granularity="layer", random_state=0
+        )
         merge = fit_quietly(merge, X_train, y_train)
         assert merge.start_ == "member 1"
         np.testing.assert_array_equal(merge.gates_, np.eye(2)[[1]].repeat(2, 0).T)
