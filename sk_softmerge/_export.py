@@ -16,9 +16,12 @@ holds the weights, so a bad file raises and leaves nothing half-built.
 """
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,6 @@ _LOSSES = frozenset(
     for name in torch.nn.modules.loss.__all__
     if isinstance(getattr(torch.nn, name, None), type)
 )
-_NONLINEARITIES = ("auto", None)
 _NET_CLASSES = {net.__name__: net for net in (NeuralNetClassifier, NeuralNetRegressor)}
 """The skorch classes the format can rebuild, by name."""
 
@@ -122,8 +124,10 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     ...     meta = json.loads(sidecar.read_text())
     >>> weights.name, sidecar.name
     ('merged.safetensors', 'merged.json')
-    >>> meta["classes"], meta["unit_names"], meta["net"]["criterion"]
-    ([0, 1, 2], ['0', '2'], 'CrossEntropyLoss')
+    >>> meta["classes"], meta["net"]["criterion"]
+    ([0, 1, 2], 'CrossEntropyLoss')
+    >>> meta["unit_names"][:3], len(meta["gates"]), len(meta["gates"][0])
+    (['0[0]', '0[1]', '0[2]'], 2, 11)
     >>> meta["tensors"]["0.weight"]
     {'dtype': 'float32', 'shape': [8, 4]}
     """
@@ -145,6 +149,7 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     weights = safetensors.torch.save(
         state, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     )
+    # The layout that Sidecar.read checks field by field.
     sidecar = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -153,10 +158,7 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
             "size": len(weights),
             "sha256": hashlib.sha256(weights).hexdigest(),
         },
-        "tensors": {
-            name: {"dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape)}
-            for name, tensor in state.items()
-        },
+        "tensors": _specs(state),
         "net": net_description,
         "classes": classes,
         "n_features_in": int(estimator.n_features_in_),
@@ -259,20 +261,19 @@ def load_merged(
             "would overwrite its weights."
         )
     resolved_device = resolve_device(device)
-    sidecar = _read_sidecar(sidecar_path)
-    data = _read_weights(weights_path, sidecar["weights"])
-    tensors = _parse_weights(data, weights_path)
-    _check_tensors(tensors, sidecar["tensors"], weights_path, sidecar_path)
-
-    description = sidecar["net"]
+    sidecar = Sidecar.read(sidecar_path)
+    tensors = _read_weights(weights_path, sidecar)
+    found = _specs(tensors)
+    where = f"The sidecar {str(sidecar_path)!r}"
+    _check_same(found, sidecar.tensors, where, "the sidecar", weights_path)
     params = {f"module__{key}": value for key, value in module_kwargs.items()}
-    if sidecar["classes"] is not None:
-        params["classes"] = sidecar["classes"]
-    net = _NET_CLASSES[description["class"]](
+    if sidecar.classes is not None:
+        params["classes"] = sidecar.classes
+    net = _NET_CLASSES[sidecar.net_class](
         module,
-        criterion=getattr(torch.nn, description["criterion"]),
-        predict_nonlinearity=description["predict_nonlinearity"],
-        batch_size=description["batch_size"],
+        criterion=getattr(torch.nn, sidecar.net_criterion),
+        predict_nonlinearity=sidecar.net_predict_nonlinearity,
+        batch_size=sidecar.net_batch_size,
         device=str(resolved_device),
         train_split=None,
         verbose=0,
@@ -280,16 +281,180 @@ def load_merged(
     )
     with torch.random.fork_rng(devices=[]):
         net.initialize()
-    _check_module(net.module_, tensors, module, weights_path)
+    name = getattr(module, "__qualname__", type(module).__name__)
+    built = _specs(net.module_.state_dict())
+    where = f"The module built by {name}(...)"
+    _check_same(found, built, where, "the module", weights_path)
     net.module_.load_state_dict(tensors)
     return net
 
 
-def _package_version() -> str:
-    # Imported late: the package's __init__ imports this module first.
-    from . import __version__
+@dataclass(frozen=True)
+class Sidecar:
+    """The checked fields of a sidecar file, as :func:`load_merged` uses them.
 
-    return __version__
+    A field's name is its path in the JSON file, with ``_`` for ``.``:
+    ``weights_size`` is ``sidecar["weights"]["size"]``.
+    """
+
+    weights_size: int  # in bytes
+    weights_sha256: str  # 64 lowercase hexadecimal digits
+    tensors: dict[str, dict]  # {name: {"dtype": "float32", "shape": [16, 64]}}
+    net_class: str  # a key of _NET_CLASSES
+    net_criterion: str  # a torch.nn loss class name, in _LOSSES
+    net_predict_nonlinearity: str | None  # "auto" or None
+    net_batch_size: int
+    classes: list | None  # None for a regressor
+    n_features_in: int
+    unit_names: list[str]
+    gates: list[list[float]]  # one row per member, one gate per unit name
+
+    @classmethod
+    def read(cls, sidecar_path: Path) -> "Sidecar":
+        """Parse and check the sidecar file; raise if it is not a valid one."""
+        where = f"The sidecar {str(sidecar_path)!r}"
+        if not sidecar_path.is_file():
+            raise FileNotFoundError(
+                f"{where} of the weights file does not exist: save_merged writes "
+                "both files, and load_merged needs both."
+            )
+        try:
+            raw = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}.") from exc
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else raw
+            raise ValueError(
+                f"{where} is not an sk_softmerge merged-net sidecar: expected "
+                f"format {FORMAT!r}, got {found!r}."
+            )
+        version = raw.get("format_version")
+        # The bool test, since JSON true == 1 in Python.
+        if version != FORMAT_VERSION or isinstance(version, bool):
+            raise ValueError(
+                f"{where} has format version {version!r}; sk_softmerge "
+                f"{_package_version()} reads version {FORMAT_VERSION}. Load it "
+                "with the sk_softmerge version that wrote it "
+                f"({raw.get('package_version')!r})."
+            )
+        return cls._from_fields(raw, where)
+
+    @classmethod
+    def _from_fields(cls, raw: dict, where: str) -> "Sidecar":
+        """Check every field of the parsed sidecar ``raw`` and keep it."""
+        fields = {}
+
+        def check(name, test, expected):
+            value = raw
+            for key in name.split("."):
+                if not isinstance(value, dict) or key not in value:
+                    raise ValueError(f"{where} has no {name}; expected {expected}.")
+                value = value[key]
+            if not test(value):
+                raise ValueError(f"{where} has {name}={value!r}; expected {expected}.")
+            fields[name.replace(".", "_")] = value
+
+        # In file order, so that the first bad field is the one named; the tests
+        # of classes and gates use fields checked before them.
+        check("weights.size", _is_int(0), "a number of bytes")
+        check("weights.sha256", _is_sha256, "64 lowercase hexadecimal digits")
+        check(
+            "tensors",
+            _is_tensor_table,
+            "a mapping of tensor names to {'dtype': str, 'shape': [int]}",
+        )
+        check(
+            "net.class", _is_name_in(_NET_CLASSES), " or ".join(map(repr, _NET_CLASSES))
+        )
+        check(
+            "net.criterion", _is_name_in(_LOSSES), "the class name of a torch.nn loss"
+        )
+        check("net.predict_nonlinearity", _is_named_nonlinearity, "'auto' or null")
+        check("net.batch_size", _is_int(1), "a positive integer")
+        if fields["net_class"] == NeuralNetRegressor.__name__:
+            check(
+                "classes", lambda value: value is None, "null for a NeuralNetRegressor"
+            )
+        else:
+            check(
+                "classes",
+                _is_class_list,
+                "a non-empty list of distinct integers or of distinct strings",
+            )
+        check("n_features_in", _is_int(1), "a positive integer")
+        check("unit_names", _is_str_list, "a list of strings")
+        n = len(fields["unit_names"])
+        check(
+            "gates",
+            lambda rows: _is_gate_rows(rows, n),
+            f"one row per member (at least 2) of {n} values in [0, 1], one per "
+            "unit name",
+        )
+        return cls(**fields)
+
+
+def _is_int(minimum: int):
+    # type(), not isinstance(): JSON true and false are bools, which are ints.
+    return lambda value: type(value) is int and value >= minimum
+
+
+def _is_name_in(names):
+    # The str test first: a list or an object from the file cannot be hashed.
+    return lambda value: isinstance(value, str) and value in names
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) is not None
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_tensor_table(value) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(spec, dict)
+        and isinstance(spec.get("dtype"), str)
+        and isinstance(spec.get("shape"), list)
+        and all(map(_is_int(0), spec["shape"]))
+        for spec in value.values()
+    )
+
+
+def _is_class_list(value) -> bool:
+    if not isinstance(value, list) or not value:
+        return False
+    labels_ok = all(map(_is_int(-(2**63)), value)) or _is_str_list(value)
+    return labels_ok and len(set(value)) == len(value)
+
+
+def _is_gate_rows(rows, n_units: int) -> bool:
+    # NaN, which Python's JSON parser accepts, fails 0 <= gate <= 1.
+    return (
+        isinstance(rows, list)
+        and len(rows) >= 2
+        and all(
+            isinstance(row, list)
+            and len(row) == n_units
+            and all(type(gate) in (int, float) and 0 <= gate <= 1 for gate in row)
+            for row in rows
+        )
+    )
+
+
+def _is_named_nonlinearity(value) -> bool:
+    # The str test first: a function or an array is never compared to "auto".
+    return value is None or (isinstance(value, str) and value == "auto")
+
+
+def _package_version() -> str:
+    # From the installed metadata, not ``from . import __version__``: the
+    # package root imports this module, so importing it back would be circular.
+    try:
+        return importlib.metadata.version("sk_softmerge")
+    except importlib.metadata.PackageNotFoundError:
+        # Imported from a source tree that was never installed.
+        return "unknown"
 
 
 def _paths(path) -> tuple[Path, Path]:
@@ -330,13 +495,6 @@ def _describe_net(net) -> dict:
     }
 
 
-def _is_named_nonlinearity(value) -> bool:
-    return any(
-        value is choice or (isinstance(value, str) and value == choice)
-        for choice in _NONLINEARITIES
-    )
-
-
 def _json_classes(classes) -> list:
     classes = np.asarray(classes)
     if classes.dtype.kind in "iu":
@@ -352,8 +510,12 @@ def _json_classes(classes) -> list:
     )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _specs(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The dtype and shape of each tensor, as the sidecar records them."""
+    return {
+        name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        for name, t in tensors.items()
+    }
 
 
 def _write_atomically(contents: dict[Path, bytes]) -> None:
@@ -375,214 +537,65 @@ def _write_atomically(contents: dict[Path, bytes]) -> None:
             name.unlink(missing_ok=True)
 
 
-def _read_sidecar(sidecar_path: Path) -> dict:
-    if not sidecar_path.is_file():
-        raise FileNotFoundError(
-            f"The sidecar {str(sidecar_path)!r} of the weights file does not exist: "
-            "save_merged writes both files, and load_merged needs both."
-        )
-    try:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"The sidecar {str(sidecar_path)!r} is not valid JSON: {exc}."
-        ) from exc
-    where = f"The sidecar {str(sidecar_path)!r}"
-    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
-        found = sidecar.get("format") if isinstance(sidecar, dict) else sidecar
-        raise ValueError(
-            f"{where} is not an sk_softmerge merged-net sidecar: expected format "
-            f"{FORMAT!r}, got {found!r}."
-        )
-    version = sidecar.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        raise ValueError(
-            f"{where} has format version {version!r}; sk_softmerge "
-            f"{_package_version()} "
-            f"reads version {FORMAT_VERSION}. Load it with the sk_softmerge "
-            f"version that wrote it ({sidecar.get('package_version')!r})."
-        )
-    _check_sidecar_fields(sidecar, where)
-    return sidecar
-
-
-def _check_sidecar_fields(sidecar: dict, where: str) -> None:
-    def fail(field, expected):
-        value = sidecar
-        for key in field.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
-        raise ValueError(f"{where} has {field}={value!r}; expected {expected}.")
-
-    def is_int(value, minimum=0):
-        return (
-            isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-        )
-
-    weights = sidecar.get("weights")
-    if not isinstance(weights, dict) or not is_int(weights.get("size")):
-        fail("weights.size", "a number of bytes")
-    sha = weights.get("sha256")
-    if not (
-        isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")
-    ):
-        fail("weights.sha256", "64 lowercase hexadecimal digits")
-
-    tensors = sidecar.get("tensors")
-    if not isinstance(tensors, dict) or not all(
-        isinstance(spec, dict)
-        and isinstance(spec.get("dtype"), str)
-        and isinstance(spec.get("shape"), list)
-        and all(is_int(n) for n in spec["shape"])
-        for spec in tensors.values()
-    ):
-        fail("tensors", "a mapping of tensor names to {'dtype': str, 'shape': [int]}")
-
-    net = sidecar.get("net")
-    if not isinstance(net, dict) or net.get("class") not in _NET_CLASSES:
-        fail("net.class", " or ".join(map(repr, _NET_CLASSES)))
-    if net.get("criterion") not in _LOSSES:
-        fail("net.criterion", "the class name of a torch.nn loss")
-    if not _is_named_nonlinearity(net.get("predict_nonlinearity", "missing")):
-        fail("net.predict_nonlinearity", "'auto' or null")
-    if not is_int(net.get("batch_size"), minimum=1):
-        fail("net.batch_size", "a positive integer")
-
-    classes = sidecar.get("classes", "missing")
-    if net["class"] == NeuralNetRegressor.__name__:
-        if classes is not None:
-            fail("classes", "null for a NeuralNetRegressor")
-    elif not (
-        isinstance(classes, list)
-        and classes
-        and (
-            all(is_int(c, minimum=-(2**63)) for c in classes)
-            or all(isinstance(c, str) for c in classes)
-        )
-        and len(set(classes)) == len(classes)
-    ):
-        fail("classes", "a non-empty list of distinct integers or of distinct strings")
-    if not is_int(sidecar.get("n_features_in"), minimum=1):
-        fail("n_features_in", "a positive integer")
-
-    units = sidecar.get("unit_names")
-    if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
-        fail("unit_names", "a list of strings")
-    gates = sidecar.get("gates")
-    if not (
-        isinstance(gates, list)
-        and len(gates) >= 2
-        and all(
-            isinstance(row, list)
-            and len(row) == len(units)
-            and all(
-                isinstance(g, int | float) and not isinstance(g, bool) and 0 <= g <= 1
-                for g in row
-            )
-            for row in gates
-        )
-    ):
-        fail(
-            "gates",
-            f"one row per member (at least 2) of {len(units)} values in [0, 1], "
-            "one per unit name",
-        )
-
-
-def _read_weights(weights_path: Path, recorded: dict) -> bytes:
+def _read_weights(weights_path: Path, sidecar: Sidecar) -> dict[str, torch.Tensor]:
+    where = f"The weights file {str(weights_path)!r}"
     if not weights_path.is_file():
-        raise FileNotFoundError(
-            f"The weights file {str(weights_path)!r} does not exist."
-        )
+        raise FileNotFoundError(f"{where} does not exist.")
+    # Read once: the bytes that are hashed are the bytes that are parsed.
     data = weights_path.read_bytes()
-    if len(data) != recorded["size"]:
+    if len(data) != sidecar.weights_size:
         raise ValueError(
-            f"The weights file {str(weights_path)!r} has {len(data)} bytes, but its "
-            f"sidecar records {recorded['size']}: the file is truncated or was "
-            "replaced after saving."
+            f"{where} has {len(data)} bytes, but its sidecar records "
+            f"{sidecar.weights_size}: the file is truncated or was replaced after "
+            "saving."
         )
     digest = hashlib.sha256(data).hexdigest()
-    if digest != recorded["sha256"]:
+    if digest != sidecar.weights_sha256:
         raise ValueError(
             f"The SHA-256 of the weights file {str(weights_path)!r} is {digest}, but "
-            f"its sidecar records {recorded['sha256']}: the file was modified after "
-            "saving, or the sidecar belongs to another file."
+            f"its sidecar records {sidecar.weights_sha256}: the file was modified "
+            "after saving, or the sidecar belongs to another file."
         )
-    return data
-
-
-def _parse_weights(data: bytes, weights_path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load(data)
     except (safetensors.SafetensorError, ValueError, TypeError) as exc:
-        raise ValueError(
-            f"The weights file {str(weights_path)!r} is not a valid safetensors "
-            f"file: {exc}."
-        ) from exc
+        raise ValueError(f"{where} is not a valid safetensors file: {exc}.") from exc
 
 
-def _check_tensors(
-    tensors: dict, recorded: dict, weights_path: Path, sidecar_path: Path
+def _check_same(
+    found: dict, expected: dict, subject: str, holder: str, weights_path: Path
 ) -> None:
-    mismatches = _differences(
-        {name: (_dtype_name(t.dtype), list(t.shape)) for name, t in tensors.items()},
-        {name: (spec["dtype"], spec["shape"]) for name, spec in recorded.items()},
-        found_in="the weights file",
-        expected_by="the sidecar",
-    )
-    if mismatches:
-        raise ValueError(
-            f"The sidecar {str(sidecar_path)!r} does not match the weights file "
-            f"{str(weights_path)!r}: " + "; ".join(mismatches) + "."
-        )
+    """Raise if the tensors ``found`` in the weights file differ from ``expected``.
 
-
-def _check_module(
-    module: torch.nn.Module, tensors: dict, factory, weights_path: Path
-) -> None:
-    mismatches = _differences(
-        {name: (_dtype_name(t.dtype), list(t.shape)) for name, t in tensors.items()},
-        {
-            name: (_dtype_name(t.dtype), list(t.shape))
-            for name, t in module.state_dict().items()
-        },
-        found_in="the weights file",
-        expected_by="the module",
-    )
-    if mismatches:
-        name = getattr(factory, "__qualname__", type(factory).__name__)
-        raise ValueError(
-            f"The module built by {name}(...) does not match the weights file "
-            f"{str(weights_path)!r}: " + "; ".join(mismatches) + "."
-        )
-
-
-def _differences(
-    found: dict, expected: dict, *, found_in: str, expected_by: str
-) -> list[str]:
+    Both map tensor names to dtype and shape, as :func:`_specs` does.
+    ``holder`` is what ``expected`` describes (``"the sidecar"`` or ``"the
+    module"``), and ``subject`` names it in full to start the message.
+    """
     # Sorted: safetensors does not keep the order in which tensors were saved.
     missing = sorted(expected.keys() - found.keys())
     extra = sorted(found.keys() - expected.keys())
     differences = []
     if missing:
         differences.append(
-            f"{found_in} is missing tensors {missing} that {expected_by} has"
+            f"the weights file is missing tensors {missing} that {holder} has"
         )
     if extra:
         differences.append(
-            f"{found_in} has extra tensors {extra} that {expected_by} lacks"
+            f"the weights file has extra tensors {extra} that {holder} lacks"
         )
-    for name, (dtype, shape) in expected.items():
+    for name, spec in expected.items():
         if name not in found:
             continue
-        found_dtype, found_shape = found[name]
-        if found_shape != shape:
-            differences.append(
-                f"{name!r} has shape {tuple(found_shape)} in {found_in}, but "
-                f"{tuple(shape)} in {expected_by}"
-            )
-        if found_dtype != dtype:
-            differences.append(
-                f"{name!r} has dtype {found_dtype} in {found_in}, but {dtype} in "
-                f"{expected_by}"
-            )
-    return differences
+        # A shape reads as a tuple, (16, 64).
+        for key, show in (("shape", tuple), ("dtype", str)):
+            if found[name][key] != spec[key]:
+                differences.append(
+                    f"{name!r} has {key} {show(found[name][key])} in the weights "
+                    f"file, but {show(spec[key])} in {holder}"
+                )
+    if differences:
+        raise ValueError(
+            f"{subject} does not match the weights file {str(weights_path)!r}: "
+            + "; ".join(differences)
+            + "."
+        )

@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 import os
 import pickle
@@ -20,7 +21,8 @@ from sk_softmerge._export import FORMAT, FORMAT_VERSION
 
 from conftest import forked_members, make_module
 
-FAST = dict(max_epochs=2, random_state=0)
+# Layer gates: the malformed-gates cases below count on two unit names.
+FAST = dict(max_epochs=2, random_state=0, granularity="layer")
 MODULE_KWARGS = dict(n_features=64, n_classes=10)
 
 
@@ -168,6 +170,17 @@ class TestRoundTrip:
     def test_accepts_str_paths(self, saved):
         load_merged(str(saved), make_module, **MODULE_KWARGS)
 
+    def test_neuron_gates(self, members, digits, tmp_path):
+        X, y = digits
+        merge = SoftMergeClassifier(members, **dict(FAST, granularity="neuron"))
+        merge.fit(X, y)
+        path, _ = merge.save_merged(tmp_path / "neuron.safetensors")
+        sidecar = read_sidecar(path)
+        assert sidecar["unit_names"] == merge.unit_names_
+        assert len(sidecar["gates"][0]) == len(merge.unit_names_) > 2
+        net = load_merged(path, make_module, **MODULE_KWARGS)
+        np.testing.assert_array_equal(net.predict_proba(X), merge.predict_proba(X))
+
 
 class TestSave:
     def test_save_over_existing_files(self, members, digits, path):
@@ -208,6 +221,15 @@ class TestSave:
         ):
             fitted.save_merged(tmp_path / "m.pt")
         assert list(tmp_path.iterdir()) == []
+
+    def test_package_version_from_metadata(self, fitted, tmp_path, monkeypatch):
+        def not_installed(name):
+            raise importlib.metadata.PackageNotFoundError(name)
+
+        monkeypatch.setattr(importlib.metadata, "version", not_installed)
+        path, _ = fitted.save_merged(tmp_path / "m.safetensors")
+        assert read_sidecar(path)["package_version"] == "unknown"
+        load_merged(path, make_module, **MODULE_KWARGS)
 
     def test_unfitted(self, members, tmp_path):
         with pytest.raises(NotFittedError):
@@ -374,6 +396,32 @@ class TestBadFiles:
         sidecar["net"][field] = value
         write_sidecar(path, sidecar)
         assert_refused(path, match)
+
+    @pytest.mark.parametrize(
+        "field, match",
+        [
+            ("n_features_in", "has no n_features_in; expected a positive integer"),
+            ("classes", "has no classes; expected a non-empty list"),
+            ("net.predict_nonlinearity", "has no net.predict_nonlinearity; expected"),
+            ("weights.sha256", "has no weights.sha256; expected 64 lowercase hex"),
+        ],
+    )
+    def test_missing_sidecar_field(self, path, field, match):
+        sidecar = read_sidecar(path)
+        *parents, key = field.split(".")
+        owner = sidecar
+        for parent in parents:
+            owner = owner[parent]
+        del owner[key]
+        write_sidecar(path, sidecar)
+        assert_refused(path, match)
+
+    @pytest.mark.parametrize("field", ["class", "criterion"])
+    def test_unhashable_net_name(self, path, field):
+        sidecar = read_sidecar(path)
+        sidecar["net"][field] = ["NeuralNetClassifier"]
+        write_sidecar(path, sidecar)
+        assert_refused(path, rf"net.{field}=\['NeuralNetClassifier'\]; expected")
 
     def test_module_with_other_shapes(self, path):
         assert_refused(
