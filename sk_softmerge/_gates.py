@@ -2,8 +2,17 @@
 
 Each gate is a random variable ``z`` in ``[0, 1]`` with an atom at 0 and at 1,
 obtained by stretching a binary concrete variable ``s`` to ``(GAMMA, ZETA)`` and
-clamping. The functions are named after the paper's quantities and work
-element-wise on a tensor of log-alphas of any shape.
+clamping::
+
+    s = sigmoid((log u - log(1 - u) + log_alpha) / BETA),   u ~ U(0, 1)
+    z = clamp(s * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+:func:`hard_concrete_with_slope` is the one implementation of that sample and
+of its derivative in ``log_alpha``: :func:`hard_concrete` (and so
+:func:`sample_z`) wraps it in an autograd node, and the merge's fused node
+(:mod:`sk_softmerge._fastmerge`) calls it inside its own. The functions are
+named after the paper's quantities and work element-wise on a tensor of
+log-alphas of any shape.
 
 References
 ----------
@@ -26,43 +35,6 @@ ZETA = 1.1
 
 EPS = 1e-6
 """Margin that keeps uniform noise away from 0 and 1."""
-
-# The constants of a training step's operations as zero-dimensional tensors: an
-# operation with a Python number wraps it into a new tensor on every call, some
-# 2 us on a CPU, which adds up over the few dozen operations on gates that a
-# step makes. A zero-dimensional CPU tensor combines with tensors of any device
-# and floating dtype, as a Python number does.
-_BETA = torch.tensor(BETA, dtype=torch.float64)
-_GAMMA = torch.tensor(GAMMA, dtype=torch.float64)
-_SLOPE = torch.tensor((ZETA - GAMMA) / BETA, dtype=torch.float64)
-_L0_SHIFT = torch.tensor(BETA * math.log(-GAMMA / ZETA), dtype=torch.float64)
-
-
-def quantile_concrete(u: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
-    """Stretched binary concrete sample for uniform noise ``u``.
-
-    Parameters
-    ----------
-    u : torch.Tensor
-        Uniform noise in ``(0, 1)``, broadcastable with ``log_alpha``.
-    log_alpha : torch.Tensor
-        Location parameters of the gates.
-
-    Returns
-    -------
-    s_bar : torch.Tensor
-        ``sigmoid((log u - log(1 - u) + log_alpha) / BETA) * (ZETA - GAMMA) + GAMMA``,
-        before clamping to ``[0, 1]``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sk_softmerge._gates import quantile_concrete
-    >>> quantile_concrete(torch.tensor([0.5]), torch.tensor([0.0]))
-    tensor([0.5000])
-    """
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
-    return s * (ZETA - GAMMA) + GAMMA
 
 
 def logistic_noise(
@@ -136,18 +108,19 @@ def hard_concrete_with_slope(
     >>> z, slope
     (tensor([0.5000, 1.0000]), tensor([0.4500, 0.0000]))
     """
-    # Few operations, in place where possible: on gates, per-operation
-    # overhead, not arithmetic, is the cost.
-    s = torch.add(noise, log_alpha).div_(_BETA).sigmoid_()
-    s_bar = torch.add(_GAMMA, s, alpha=ZETA - GAMMA)
+    # Few operations, in place where possible: a training step calls this once,
+    # on a few dozen gates, so per-operation overhead, not arithmetic, is the cost.
+    s = torch.add(noise, log_alpha).div_(BETA).sigmoid_()
+    s_bar = torch.add(GAMMA, s, alpha=ZETA - GAMMA)
     z = s_bar.clamp(0.0, 1.0)
-    slope = torch.addcmul(s, s, s, value=-1.0).mul_(_SLOPE)
+    # ds_bar / dlog_alpha = (ZETA - GAMMA) / BETA * s * (1 - s)
+    slope = torch.addcmul(s, s, s, value=-1.0).mul_((ZETA - GAMMA) / BETA)
     return z, slope.mul_(z == s_bar)
 
 
 class _HardConcrete(torch.autograd.Function):
-    # One autograd node instead of six: the gates are a few dozen numbers, so a
-    # training step would otherwise spend its time in per-operation overhead.
+    # Makes hard_concrete_with_slope differentiable: its slope is the backward,
+    # so the sample is written once.
 
     @staticmethod
     def forward(ctx, log_alpha, noise):
@@ -240,35 +213,6 @@ def deterministic_z(log_alpha: torch.Tensor) -> torch.Tensor:
     return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
-def cdf_qz(x: float, log_alpha: torch.Tensor) -> torch.Tensor:
-    """Cumulative distribution of the stretched concrete variable at ``x``.
-
-    ``P(z = 0) = cdf_qz(0)`` and ``P(z = 1) = 1 - cdf_qz(1)``.
-
-    Parameters
-    ----------
-    x : float
-        Point in ``(GAMMA, ZETA)``.
-    log_alpha : torch.Tensor
-        Location parameters of the gates.
-
-    Returns
-    -------
-    cdf : torch.Tensor
-        ``P(s_bar <= x)``, same shape as ``log_alpha``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sk_softmerge._gates import cdf_qz
-    >>> cdf_qz(0.5, torch.tensor([0.0]))
-    tensor([0.5000])
-    """
-    xn = (x - GAMMA) / (ZETA - GAMMA)
-    logits = math.log(xn) - math.log1p(-xn)
-    return torch.sigmoid(logits * BETA - log_alpha)
-
-
 def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
     """Probability that each gate is non-zero, the expected L0 norm per gate.
 
@@ -290,7 +234,7 @@ def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
     >>> expected_l0(torch.tensor([20.0, -20.0]))
     tensor([1.0000e+00, 1.0195e-08])
     """
-    return torch.sub(log_alpha, _L0_SHIFT).sigmoid_()
+    return torch.sub(log_alpha, BETA * math.log(-GAMMA / ZETA)).sigmoid_()
 
 
 def expected_l0_with_slope(

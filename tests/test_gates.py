@@ -9,39 +9,69 @@ from sk_softmerge._gates import (
     BETA,
     GAMMA,
     ZETA,
-    cdf_qz,
     deterministic_z,
     expected_l0,
     hard_concrete,
+    hard_concrete_with_slope,
     logistic_noise,
-    quantile_concrete,
     sample_z,
 )
 
 LOG_ALPHAS = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0, 4.0])
 
 
+def stretched_concrete(u, log_alpha):
+    """The paper's stretched binary concrete sample for uniform noise ``u``,
+    before clamping: the reference the library's sample is checked against."""
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return s * (ZETA - GAMMA) + GAMMA
+
+
+def cdf_qz(x, log_alpha):
+    """The paper's closed-form CDF of the stretched variable, ``P(s_bar <= x)``;
+    ``P(z = 0) = cdf_qz(0)`` and ``P(z = 1) = 1 - cdf_qz(1)``."""
+    xn = (torch.as_tensor(x) - GAMMA) / (ZETA - GAMMA)
+    return torch.sigmoid((torch.log(xn) - torch.log1p(-xn)) * BETA - log_alpha)
+
+
+def logit(u):
+    return torch.log(u) - torch.log1p(-u)
+
+
 def test_constants_are_the_papers():
     assert (BETA, GAMMA, ZETA) == (2.0 / 3.0, -0.1, 1.1)
 
 
-def test_quantile_concrete_closed_form():
+def test_cdf_reference_at_the_middle():
+    assert float(cdf_qz(0.5, torch.tensor([0.0]))) == pytest.approx(0.5)
+
+
+def test_hard_concrete_closed_form():
+    """The sample for the noise of uniform ``u`` is the paper's closed form."""
     u = torch.tensor([0.1, 0.5, 0.9])
     log_alpha = torch.tensor([0.3, -1.0, 2.0])
     s = 1 / (1 + torch.exp(-(torch.log(u / (1 - u)) + log_alpha) / BETA))
-    torch.testing.assert_close(
-        quantile_concrete(u, log_alpha), s * (ZETA - GAMMA) + GAMMA
-    )
+    closed_form = (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    torch.testing.assert_close(hard_concrete(log_alpha, logit(u)), closed_form)
+    z, _ = hard_concrete_with_slope(log_alpha, logit(u))
+    torch.testing.assert_close(z, closed_form)
 
 
-def test_cdf_inverts_quantile():
+def test_sample_is_the_quantile_of_the_cdf():
+    """The sample for the noise of uniform ``u`` is the distribution's
+    ``u``-quantile: ``cdf(z) = u`` between the atoms, and ``z`` is at an atom
+    exactly when ``u`` falls in its mass."""
     u = torch.linspace(0.05, 0.95, 19)
     log_alpha = torch.full_like(u, 0.7)
-    x = quantile_concrete(u, log_alpha)
-    cdf = torch.stack(
-        [cdf_qz(float(xi), la) for xi, la in zip(x, log_alpha, strict=True)]
+    z = hard_concrete(log_alpha, logit(u))
+    at_zero, at_one = z == 0, z == 1
+    torch.testing.assert_close(at_zero, u <= cdf_qz(0.0, log_alpha))
+    torch.testing.assert_close(at_one, u >= cdf_qz(1.0, log_alpha))
+    inside = ~(at_zero | at_one)
+    assert at_zero.any() and at_one.any() and inside.sum() > 10
+    torch.testing.assert_close(
+        cdf_qz(z[inside], log_alpha[inside]), u[inside], atol=1e-5, rtol=0
     )
-    torch.testing.assert_close(cdf, u, atol=1e-5, rtol=0)
 
 
 def test_expected_l0_is_probability_of_nonzero_gate():
@@ -96,7 +126,7 @@ class TestHardConcrete:
         noise = torch.log(u) - torch.log1p(-u)
         torch.testing.assert_close(
             hard_concrete(log_alpha, noise),
-            quantile_concrete(u, log_alpha).clamp(0, 1),
+            stretched_concrete(u, log_alpha).clamp(0, 1),
         )
 
     def test_gradient_matches_autograd_of_closed_form(self):

@@ -7,7 +7,7 @@ import torch
 
 from sk_softmerge import SoftMerge
 from sk_softmerge._gates import hard_concrete, logistic_noise
-from sk_softmerge._merging import find_units, mixing_weights, select_parameters
+from sk_softmerge._merging import find_units, select_parameters
 
 
 def mlp(seed, batchnorm=False):
@@ -68,22 +68,6 @@ class TestFindUnits:
     def test_unknown_granularity(self, modules):
         with pytest.raises(ValueError, match="granularity must be one of"):
             find_units(modules[0], ["0.weight"], "block")
-
-
-class TestMixingWeights:
-    def test_convex(self):
-        z = torch.rand(4, 6)
-        w = mixing_weights(z, torch.zeros(4, 6))
-        torch.testing.assert_close(w.sum(0), torch.ones(6))
-        assert (w >= 0).all()
-
-    def test_all_closed_unit_carried_by_largest_log_alpha(self):
-        z = torch.zeros(3, 2)
-        z[:, 1] = torch.tensor([0.2, 0.0, 0.6])
-        log_alpha = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 0.0]])
-        w = mixing_weights(z, log_alpha)
-        torch.testing.assert_close(w[:, 0], torch.tensor([0.0, 1.0, 0.0]))
-        torch.testing.assert_close(w[:, 1], torch.tensor([0.25, 0.0, 0.75]))
 
 
 class TestSoftMerge:
@@ -162,6 +146,43 @@ class TestSoftMerge:
     def test_one_module_is_its_own_merge(self, modules):
         x = torch.randn(3, 5)
         torch.testing.assert_close(SoftMerge(modules[:1])(x), modules[0](x))
+
+
+class TestMembersMustMatch:
+    """Members that differ are refused up front, naming what and where."""
+
+    def test_parameter_names(self):
+        members = [torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.Linear(3, 2))]
+        with pytest.raises(
+            ValueError,
+            match=r"parameter names of modules\[0\].*modules\[1\] with missing "
+            r"\['weight', 'bias'\] and unexpected \['0.weight', '0.bias'\]",
+        ):
+            SoftMerge(members)
+
+    def test_parameter_shapes(self):
+        with pytest.raises(
+            ValueError,
+            match=r"Expected parameter 'weight' to have shape \(2, 3\) in every "
+            r"module, as in modules\[0\]; got \(2, 4\) in modules\[1\]",
+        ):
+            SoftMerge([torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)])
+
+    def test_parameter_dtypes(self):
+        members = [torch.nn.Linear(3, 2) for _ in range(3)]
+        members[2].bias.data = members[2].bias.data.double()
+        with pytest.raises(
+            ValueError,
+            match=r"Expected parameter 'bias' to have dtype torch.float32 in every "
+            r"module, as in modules\[0\]; got torch.float64 in modules\[2\]",
+        ):
+            SoftMerge(members)
+
+    def test_unmerged_parameters_are_checked_too(self, modules):
+        other = mlp(0)
+        other[2] = torch.nn.Linear(4, 2)
+        with pytest.raises(ValueError, match=r"'2.weight'.*modules\[3\]"):
+            SoftMerge([*modules, other], merge="0")
 
 
 def naive_merged_parameters(merger, gates, modules):
