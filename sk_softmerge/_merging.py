@@ -30,6 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ._batchnorm import (
+    has_batchnorm,
+    recompute_batchnorm_statistics,
+    use_batch_statistics,
+)
+from ._evaluation import member_forward
 from ._gates import deterministic_z, expected_l0, hard_concrete_with_slope, sample_z
 
 GRANULARITIES = ("layer", "tensor", "neuron")
@@ -474,6 +480,7 @@ class SoftMerge(torch.nn.Module):
         self._layout = (self._split_sizes, self._shapes)
         self._aliases = _tied_aliases(self.template, names)
         self._slots = (None, [])
+        self._evaluation = (None, None)
 
         theta, unit_index = self._stack(modules, device)
         self.register_buffer("theta", theta, persistent=False)
@@ -557,6 +564,32 @@ class SoftMerge(torch.nn.Module):
         """
         magnitude = torch.tensor(magnitude, dtype=self.log_alpha.dtype)
         self.log_alpha.copy_(torch.where(gates > 0, magnitude, -magnitude))
+
+    def use_batch_statistics(self) -> "SoftMerge":
+        """Evaluation mode, except for batch-norm layers, which normalise with
+        each batch's statistics: no stored statistics fit merged weights that
+        change with the gates. Returns the merger."""
+        use_batch_statistics(self.eval().template)
+        return self
+
+    def member_forward(self, module: torch.nn.Module):
+        """Forward function of ``module``'s own weights and buffers, run in an
+        evaluation-mode copy of the template, as the member predicts.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            A member; it is neither run nor modified.
+
+        Returns
+        -------
+        forward : callable
+        """
+        template, evaluation = self._evaluation
+        if template is not self.template:  # a new reference since last call
+            evaluation = copy.deepcopy(self.template).eval()
+            self._evaluation = (self.template, evaluation)
+        return member_forward(evaluation, module)
 
     @property
     def unit_names(self) -> list[str]:
@@ -681,7 +714,7 @@ class SoftMerge(torch.nn.Module):
 
     @torch.no_grad()
     def merged_state_dict(
-        self, gates: torch.Tensor | None = None
+        self, gates: torch.Tensor | None = None, *, statistics_from=None
     ) -> dict[str, torch.Tensor]:
         """State dict of the merged module.
 
@@ -689,6 +722,10 @@ class SoftMerge(torch.nn.Module):
         ----------
         gates : torch.Tensor of shape (n_members, n_units), default=None
             Gate values; ``None`` uses the deterministic gates.
+        statistics_from : torch.Tensor, default=None
+            Inputs to recompute batch-norm running statistics on, since the
+            reference's do not fit the merged weights; ``None`` keeps the
+            reference's buffers.
 
         Returns
         -------
@@ -700,7 +737,12 @@ class SoftMerge(torch.nn.Module):
         if gates is None:
             gates = self.gates()
         state.update(self._with_aliases(self.merged_parameters(gates)))
-        return state
+        if statistics_from is None or not has_batchnorm(self.template):
+            return state
+        merged = recompute_batchnorm_statistics(
+            self.template, statistics_from, state_dict=state
+        )
+        return merged.state_dict()
 
 
 def _tied_aliases(

@@ -54,8 +54,9 @@ class _SoupBase(BaseEstimator):
     """Shared fit of the baselines: check members and data, score members.
 
     A subclass puts a task mixin (``MemberClassifierMixin`` or
-    ``MemberRegressorMixin``) first, which supplies the data validation and the
-    score, and implements ``_build(nets, template, score)``.
+    ``MemberRegressorMixin``) first, whose ``_validate_fit_data`` returns the
+    :class:`~sk_softmerge._tasks.Task`, and implements
+    ``_build(task, nets, template, score)``.
     """
 
     _parameter_constraints: dict = {"estimators": [list, tuple]}
@@ -80,58 +81,59 @@ class _SoupBase(BaseEstimator):
         self : object
             The fitted estimator.
         """
-        nets, X, y = self._validate_fit_data(X, y)
+        nets, X, y, task = self._validate_fit_data(X, y)
         # Members are scored in a copy, in eval mode: running a user's skorch net
         # would switch its module to eval mode.
         template = copy.deepcopy(nets[0].module_).eval()
         device = next(template.parameters()).device
         X = torch.as_tensor(X, device=device)
         with torch.no_grad():
-            self._check_targets(template(X[:2]), y)
+            task.check_output(template(X[:2]), y)
         y = torch.as_tensor(y, device=device)
         predict = prediction_function(nets[0])
 
         def score(forward):
-            return self._score_of(self._per_sample_losses(forward, X, y, predict))
+            return task.score(task.errors(forward, X, y, predict))
 
-        self._build(nets, template, score)
+        self._build(task, nets, template, score)
         return self
 
-    def _soup(self, nets, ingredients):
+    @staticmethod
+    def _soup(task, nets, ingredients):
         # Stacking only the ingredients: a left-out member holding NaN would
         # otherwise spoil the average (0 * nan is nan).
         soup = SoftMerge([nets[i].module_ for i in ingredients])
-        return self._build_net(nets[ingredients[0]], soup.merged_state_dict())
+        return task.build_net(nets[ingredients[0]], soup.merged_state_dict())
 
 
 class _BestMember(_SoupBase):
-    def _build(self, nets, template, score):
+    def _build(self, task, nets, template, score):
         self.scores_ = np.array(
             [score(member_forward(template, net.module_)) for net in nets]
         )
         self.best_index_ = int(np.argmax(self.scores_))
         best = nets[self.best_index_]
-        self.merged_net_ = self._build_net(best, best.module_.state_dict())
+        self.merged_net_ = task.build_net(best, best.module_.state_dict())
 
 
 class _UniformSoup(_SoupBase):
-    def _build(self, nets, template, score):
-        self.merged_net_ = self._soup(nets, list(range(len(nets))))
+    def _build(self, task, nets, template, score):
+        self.merged_net_ = self._soup(task, nets, list(range(len(nets))))
 
 
 class _GreedySoup(_SoupBase):
-    def _build(self, nets, template, score):
+    def _build(self, task, nets, template, score):
         def soup_score(ingredients):
             soup = SoftMerge([nets[i].module_ for i in ingredients]).eval()
             return score(soup)
 
         member_scores = [score(member_forward(template, net.module_)) for net in nets]
         self.ingredients_, self.score_ = greedy_soup(member_scores, soup_score)
-        self.merged_net_ = self._soup(nets, self.ingredients_)
+        self.merged_net_ = self._soup(task, nets, self.ingredients_)
 
 
 class _OutputEnsemble(_SoupBase):
-    def _build(self, nets, template, score):
+    def _build(self, task, nets, template, score):
         self.estimators_ = [copy.deepcopy(net) for net in nets]
 
 
