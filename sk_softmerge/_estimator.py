@@ -1,11 +1,12 @@
 """The fit that every soft merge shares, whatever the members' task.
 
 :class:`SoftMergeClassifier` and :class:`SoftMergeRegressor` differ only in
-what their task mixin supplies (target validation and encoding, the
-train/validation split, the loss, the per-sample validation loss and score,
-``predict``); checking the members, excluding broken ones, screening,
-alignment, learning the gates, the validation comparison with its fallback and
-building the merged net are here, once.
+their task mixin, whose ``_validate_fit_data`` checks the targets and returns
+the :class:`~sk_softmerge._tasks.Task` (split, loss, held-out errors and score,
+the merged net's class) that ``fit`` passes along, and in ``predict``. Checking
+the members, excluding broken ones, screening, alignment, the fixed rules, gate
+learning, the check with its fallback, the refit and building the merged net
+are here, once.
 """
 
 import warnings
@@ -44,8 +45,9 @@ class _SoftMergeBase(BaseEstimator):
     """Parameters, ``fit`` and ``save_merged`` of the soft-merge estimators.
 
     A subclass puts a task mixin (``MemberClassifierMixin`` or
-    ``MemberRegressorMixin``) before this class; see
-    :class:`~sk_softmerge.SoftMergeClassifier` for the parameters.
+    ``MemberRegressorMixin``) before this class: ``fit`` calls its
+    ``_validate_fit_data(X, y)`` for ``(nets, X, y, task)``, and nothing else
+    of it. See :class:`~sk_softmerge.SoftMergeClassifier` for the parameters.
     """
 
     _parameter_constraints: dict = {

@@ -563,7 +563,28 @@ class SoftMerge(torch.nn.Module):
                 [1.]], grad_fn=<ClampBackward1>)
         """
         magnitude = torch.tensor(magnitude, dtype=self.log_alpha.dtype)
-        self.log_alpha.copy_(torch.where(gates > 0, magnitude, -magnitude))
+        self.set_log_alpha(torch.where(gates > 0, magnitude, -magnitude))
+
+    @torch.no_grad()
+    def set_log_alpha(self, log_alpha: torch.Tensor) -> None:
+        """Copy ``log_alpha`` into the gates' parameters, e.g. to restore the
+        gates of an earlier epoch.
+
+        Parameters
+        ----------
+        log_alpha : torch.Tensor of shape (n_members, n_units)
+
+        Examples
+        --------
+        >>> import torch
+        >>> from sk_softmerge import SoftMerge
+        >>> merger = SoftMerge([torch.nn.Linear(2, 1) for _ in range(2)])
+        >>> merger.set_log_alpha(torch.tensor([[-9.0], [9.0]]))
+        >>> merger.gates().detach()
+        tensor([[0.],
+                [1.]])
+        """
+        self.log_alpha.copy_(log_alpha)
 
     def use_batch_statistics(self) -> "SoftMerge":
         """Evaluation mode, except for batch-norm layers, which normalise with
