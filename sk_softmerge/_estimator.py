@@ -1,17 +1,18 @@
 """The fit that every soft merge shares, whatever the members' task.
 
 :class:`SoftMergeClassifier` and :class:`SoftMergeRegressor` differ only in
-what their task mixin supplies (target validation and encoding, the
-train/validation split, the loss, the per-sample validation loss and score,
-``predict``); checking the members, excluding broken ones, screening,
-alignment, learning the gates, the validation comparison with its fallback and
-building the merged net are here, once.
+their task mixin, whose ``_validate_fit_data`` checks the targets and returns
+the :class:`~sk_softmerge._tasks.Task` (split, loss, held-out errors and score,
+the merged net's class) that ``fit`` passes along, and in ``predict``. Checking
+the members, excluding broken ones, screening, alignment, the fixed rules, gate
+learning, the check with its fallback, the refit and building the merged net
+are here, once.
 """
 
-import copy
 import warnings
 from functools import partial
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,17 +21,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._alignment import align_modules
-from ._batchnorm import (
-    has_batchnorm,
-    recompute_batchnorm_statistics,
-    use_batch_statistics,
-)
-from ._candidates import choose_start, fixed_rules
+from ._candidates import Candidate, choose_start, fixed_rules
 from ._devices import resolve_device
-from ._evaluation import choose_lowest_loss, member_forward
+from ._evaluation import choose_lowest_loss
 from ._export import save_merged
 from ._merging import SoftMerge
-from ._screening import extreme_units, nonfinite_members
+from ._screening import nonfinite_members, screen
 from ._tasks import prediction_function
 from ._training import learn_gates
 
@@ -49,8 +45,9 @@ class _SoftMergeBase(BaseEstimator):
     """Parameters, ``fit`` and ``save_merged`` of the soft-merge estimators.
 
     A subclass puts a task mixin (``MemberClassifierMixin`` or
-    ``MemberRegressorMixin``) before this class; see
-    :class:`~sk_softmerge.SoftMergeClassifier` for the parameters.
+    ``MemberRegressorMixin``) before this class: ``fit`` calls its
+    ``_validate_fit_data(X, y)`` for ``(nets, X, y, task)``, and nothing else
+    of it. See :class:`~sk_softmerge.SoftMergeClassifier` for the parameters.
     """
 
     _parameter_constraints: dict = {
@@ -126,92 +123,62 @@ class _SoftMergeBase(BaseEstimator):
         self : object
             The fitted estimator.
         """
-        nets, X, y = self._validate_fit_data(X, y)
+        nets, X, y, task = self._validate_fit_data(X, y)
         device = resolve_device(self.device)
         random_state = check_random_state(self.random_state)
-        X_train, X_val, y_train, y_val = self._split_validation(X, y, random_state)
-        kept = self._usable_members(nets)
-        merger, average, reference = self._build_merger(nets, kept, X_train, device)
-        X, y, X_train, y_train = _on_device(device, X, y, X_train, y_train)
-        self._check_targets(_check_forward(merger, X_train), y_train)
+        data = self._fit_data(task, X, y, random_state, device)
+        rows = self._usable_members(nets)
+        merger, average, reference = self._build_merger(nets, rows, data.X_train)
+        task.check_output(_check_forward(merger, data.X_train), data.y_train)
         generator = torch.Generator(device=device).manual_seed(
             int(random_state.randint(np.iinfo(np.int32).max))
         )
-        validation = None
-        if X_val is not None:
-            validation = tuple(_on_device(device, X_val, y_val))
-        evaluate = self._candidate_evaluation(
-            merger, nets, reference, *(validation or (X_train, y_train)), generator
-        )
-        candidates, losses = self._fixed_rules(merger, average, nets, kept, evaluate)
-        start = choose_start(candidates, losses)
-        self.start_ = start.name
-        merger.start_from(start.gates, INIT_LOG_ALPHA)
-
-        loss = self._task_loss(nets[reference], device)
-        learning = partial(
+        evaluate = _evaluation(task, nets[reference], data, generator)
+        candidates, errors = _fixed_rules(task, merger, average, nets, rows, evaluate)
+        start = choose_start(candidates, errors)
+        learn = partial(
             learn_gates,
             merger,
-            loss,
+            task.loss_function(nets[reference], device),
             l0_weight=self.l0_weight,
             lr=self.lr,
             batch_size=self.batch_size,
             generator=generator,
             verbose=self.verbose,
         )
-        training = learning(
-            X_train,
-            y_train,
-            max_epochs=self.max_epochs if len(kept) > 1 else 0,
-            validation=validation,
+        merger.start_from(start.gates, INIT_LOG_ALPHA)
+        max_epochs = self.max_epochs if len(rows) > 1 else 0
+        training = learn(
+            data.X_train, data.y_train, max_epochs=max_epochs, validation=data.held_out
         )
-        self.loss_curve_ = training.loss_curve
-        self.validation_loss_curve_ = training.validation_loss_curve
-        self.best_epoch_ = training.best_epoch
-        self.n_iter_ = len(self.loss_curve_)
-
-        self.selected_, self.validation_scores_ = SOFT_MERGE, None
-        if validation is not None:
-            merge = evaluate(partial(merger, gates=merger.gates()))
-            losses = {SOFT_MERGE: merge, **losses}
-            self.validation_scores_ = self._scores(losses)
-            self.selected_ = choose_lowest_loss(losses, SOFT_MERGE)
-        if self.selected_ == SOFT_MERGE:
-            if self.refit and validation is not None and self.best_epoch_ > 0:
-                merger.start_from(start.gates, INIT_LOG_ALPHA)
-                learning(X, y, max_epochs=self.best_epoch_)
-            gates = merger.gates().detach()
-            state = _merged_state(merger, gates, X)
-        else:
-            fallback = next(c for c in candidates if c.name == self.selected_)
-            warnings.warn(
-                f"The soft merge scored {self.validation_scores_[SOFT_MERGE]:.4f} on "
-                f"the validation data, significantly below {self.selected_} "
-                f"({self.validation_scores_[self.selected_]:.4f}); falling back to "
-                f"{self.selected_}. See validation_scores_.",
-                UserWarning,
-                stacklevel=3,
-            )
-            gates = fallback.gates
-            if fallback.member is None:
-                state = _merged_state(merger, gates, X)
-            else:
-                state = nets[fallback.member].module_.state_dict()
-        self.unit_names_ = merger.unit_names
-        self.gates_ = _per_estimator(gates.cpu().numpy(), kept, len(nets))
-        self.merged_net_ = self._build_net(nets[reference], state)
+        chosen = self._select(task, merger, candidates, errors, evaluate, data)
+        if chosen.name == SOFT_MERGE and self._refits(data, training):
+            merger.start_from(start.gates, INIT_LOG_ALPHA)
+            learn(data.X, data.y, max_epochs=training.best_epoch)
+            chosen = Candidate(SOFT_MERGE, merger.gates().detach())
+        self._set_fitted(merger, rows, nets, start, training, chosen)
+        self.merged_net_ = task.build_net(
+            nets[reference], _state_of(chosen, merger, nets, data.X)
+        )
         return self
 
-    def _split_validation(self, X, y, random_state):
-        """The task's train/validation split; no validation part for 0."""
+    def _fit_data(self, task, X, y, random_state, device) -> "_FitData":
+        """The data as tensors on ``device``, and the task's train/held-out
+        split of them (no held-out part for ``validation_fraction=0``)."""
         if self.validation_fraction == 0:
-            return X, None, y, None
-        seed = random_state.randint(np.iinfo(np.int32).max)
-        return self._split(X, y, self.validation_fraction, seed)
+            X_train, y_train, held_out = X, y, None
+        else:
+            seed = random_state.randint(np.iinfo(np.int32).max)
+            X_train, X_val, y_train, y_val = task.split(
+                X, y, self.validation_fraction, seed
+            )
+            held_out = tuple(_on_device(device, X_val, y_val))
+        return _FitData(*_on_device(device, X, y, X_train, y_train), held_out)
 
     def _usable_members(self, nets) -> list[int]:
-        """Positions of the members without NaN or inf; sets
-        ``excluded_estimators_`` and warns about the others."""
+        """Positions in ``estimators`` of the members without NaN or inf: the
+        rows of the merger. Sets ``excluded_estimators_`` and warns about the
+        others."""
         self.excluded_estimators_ = nonfinite_members([net.module_ for net in nets])
         if len(self.excluded_estimators_) == len(nets):
             raise ValueError(
@@ -227,64 +194,66 @@ class _SoftMergeBase(BaseEstimator):
             )
         return [i for i in range(len(nets)) if i not in self.excluded_estimators_]
 
-    def _build_merger(self, nets, kept, X_train, device):
-        """The merger of the usable members, with extreme weights screened.
+    def _build_merger(self, nets, rows, X_train):
+        """The merger of the members at ``rows``, with extreme weights screened.
 
         Returns the merger, the gates of the uniform average (closed where a
-        member's weights on a unit are extreme) and the position in ``nets`` of
-        the reference member, the first one screened nowhere: unmerged
-        parameters and buffers come from it, so a malicious member never
-        supplies them. Sets ``screened_``.
+        member's weights on a unit are extreme) and the position in
+        ``estimators`` of the reference member, the first one screened nowhere:
+        unmerged parameters and buffers come from it, so a malicious member
+        never supplies them. Sets ``screened_``.
         """
-        modules = _member_modules([nets[i] for i in kept], X_train, self.align)
+        modules = _member_modules([nets[i] for i in rows], X_train, self.align)
         merger = SoftMerge(
             modules,
             granularity=self.granularity,
             merge=self.merge,
             init_log_alpha=INIT_LOG_ALPHA,
-            device=device,
+            device=X_train.device,
         )
-        screened = extreme_units(merger.theta, merger.unit_index, len(merger.units))
-        self.screened_ = _per_estimator(screened.cpu().numpy(), kept, len(nets))
+        screened = screen(merger)
+        self.screened_ = _per_estimator(screened.cpu().numpy(), rows, len(nets))
         sound = (~screened.any(dim=1)).nonzero()
-        position = int(sound[0]) if len(sound) else 0
-        merger.set_reference(modules[position])
-        use_batch_statistics(merger.eval().template)
-        return merger, (~screened).to(merger.log_alpha.dtype), kept[position]
+        row = int(sound[0]) if len(sound) else 0
+        merger.set_reference(modules[row])
+        merger.use_batch_statistics()
+        return merger, (~screened).to(merger.log_alpha.dtype), rows[row]
 
-    def _candidate_evaluation(self, merger, nets, reference, X, y, generator):
-        """``evaluate(forward)``: per-sample losses of a model on the held-out
-        part (on at most ``MAX_START_SAMPLES`` training samples without one)."""
-        if self.validation_fraction == 0 and X.shape[0] > MAX_START_SAMPLES:
-            # Training data: a subsample tells the rules apart well enough.
-            keep = torch.randperm(X.shape[0], generator=generator, device=X.device)
-            X, y = X[keep[:MAX_START_SAMPLES]], y[keep[:MAX_START_SAMPLES]]
-        predict = prediction_function(nets[reference])
-        return partial(self._per_sample_losses, X=X, y=y, predict=predict)
+    def _select(self, task, merger, candidates, errors, evaluate, data) -> Candidate:
+        """The learned gates, unless a fixed rule is significantly better on
+        the held-out part (then that rule, with a warning). Sets
+        ``validation_scores_``."""
+        learned = Candidate(SOFT_MERGE, merger.gates().detach())
+        self.validation_scores_ = None
+        if data.held_out is None:
+            return learned
+        errors = {SOFT_MERGE: evaluate(partial(merger, gates=learned.gates)), **errors}
+        self.validation_scores_ = {name: task.score(e) for name, e in errors.items()}
+        name = choose_lowest_loss(errors, SOFT_MERGE)
+        if name == SOFT_MERGE:
+            return learned
+        scores = self.validation_scores_
+        warnings.warn(
+            f"The soft merge scored {scores[SOFT_MERGE]:.4f} on the validation "
+            f"data, significantly below {name} ({scores[name]:.4f}); falling back "
+            f"to {name}. See validation_scores_.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return next(candidate for candidate in candidates if candidate.name == name)
 
-    def _fixed_rules(self, merger, average, nets, kept, evaluate):
-        """The candidates of :func:`fixed_rules` and their per-sample losses."""
-        # Members are evaluated as they predict: with their own batch-norm
-        # statistics, in a copy of the template.
-        template = copy.deepcopy(merger.template).eval()
-        member_losses = [
-            evaluate(member_forward(template, nets[i].module_)) for i in kept
-        ]
+    def _refits(self, data, training) -> bool:
+        """Whether the held-out part confirmed learned gates to relearn."""
+        return self.refit and data.held_out is not None and training.best_epoch > 0
 
-        def soup_score(gates):
-            return self._score_of(evaluate(partial(merger, gates=gates)))
-
-        member_scores = [self._score_of(losses) for losses in member_losses]
-        candidates = fixed_rules(average, kept, member_scores, soup_score)
-        losses = dict(zip((f"member {i}" for i in kept), member_losses, strict=True))
-        for candidate in candidates:
-            if candidate.member is None:
-                forward = partial(merger, gates=candidate.gates)
-                losses[candidate.name] = evaluate(forward)
-        return candidates, losses
-
-    def _scores(self, losses: dict) -> dict[str, float]:
-        return {name: self._score_of(value) for name, value in losses.items()}
+    def _set_fitted(self, merger, rows, nets, start, training, chosen) -> None:
+        self.start_, self.selected_ = start.name, chosen.name
+        self.loss_curve_ = training.loss_curve
+        self.validation_loss_curve_ = training.validation_loss_curve
+        self.best_epoch_ = training.best_epoch
+        self.n_iter_ = len(self.loss_curve_)
+        self.unit_names_ = merger.unit_names
+        self.gates_ = _per_estimator(chosen.gates.cpu().numpy(), rows, len(nets))
 
     def save_merged(self, path):
         """Write the merged net to ``path`` with safetensors, without pickle.
@@ -334,12 +303,61 @@ class _SoftMergeBase(BaseEstimator):
         return save_merged(self, path)
 
 
+class _FitData(NamedTuple):
+    """The fit data on the fit device: all of it, the part the gates train on
+    and the held-out part (``None`` without one)."""
+
+    X: torch.Tensor
+    y: torch.Tensor
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    held_out: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _evaluation(task, reference, data, generator):
+    """``evaluate(forward)``: per-sample errors of a model on the held-out part
+    (on at most ``MAX_START_SAMPLES`` training samples without one)."""
+    X, y = data.held_out or (data.X_train, data.y_train)
+    if data.held_out is None and X.shape[0] > MAX_START_SAMPLES:
+        # Training data: a subsample tells the rules apart well enough.
+        keep = torch.randperm(X.shape[0], generator=generator, device=X.device)
+        X, y = X[keep[:MAX_START_SAMPLES]], y[keep[:MAX_START_SAMPLES]]
+    return partial(task.errors, X=X, y=y, predict=prediction_function(reference))
+
+
+def _fixed_rules(task, merger, average, nets, rows, evaluate):
+    """The candidates of :func:`fixed_rules` and their per-sample errors."""
+    # Members are evaluated as they predict: with their own batch-norm
+    # statistics.
+    member_errors = [evaluate(merger.member_forward(nets[i].module_)) for i in rows]
+
+    def soup_score(gates):
+        return task.score(evaluate(partial(merger, gates=gates)))
+
+    member_scores = [task.score(errors) for errors in member_errors]
+    candidates = fixed_rules(average, rows, member_scores, soup_score)
+    errors = dict(zip((f"member {i}" for i in rows), member_errors, strict=True))
+    for candidate in candidates:
+        if candidate.member is None:
+            errors[candidate.name] = evaluate(partial(merger, gates=candidate.gates))
+    return candidates, errors
+
+
+def _state_of(chosen: Candidate, merger: SoftMerge, nets, X: torch.Tensor) -> dict:
+    """Weights and buffers of the chosen candidate's net: a member's own, or
+    the merge's, with batch-norm statistics recomputed on ``X``."""
+    if chosen.member is not None:
+        return nets[chosen.member].module_.state_dict()
+    return merger.merged_state_dict(chosen.gates, statistics_from=X)
+
+
 def _per_estimator(
-    values: np.ndarray, kept: list[int], n_estimators: int
+    values: np.ndarray, rows: list[int], n_estimators: int
 ) -> np.ndarray:
-    """Rows for every estimator; excluded ones get zeros (closed gates)."""
+    """One row per estimator from the merger's rows; excluded ones get zeros
+    (closed gates)."""
     full = np.zeros((n_estimators, values.shape[1]), dtype=values.dtype)
-    full[kept] = values
+    full[rows] = values
     return full
 
 
@@ -365,12 +383,3 @@ def _member_modules(nets, X: np.ndarray, align: str | None) -> list:
 
 def _on_device(device, *arrays) -> list[torch.Tensor]:
     return [torch.as_tensor(array, device=device) for array in arrays]
-
-
-def _merged_state(merger: SoftMerge, gates: torch.Tensor, X: torch.Tensor) -> dict:
-    """Merged weights, with batch-norm statistics recomputed on ``X``."""
-    state = merger.merged_state_dict(gates)
-    if not has_batchnorm(merger.template):
-        return state
-    merged = recompute_batchnorm_statistics(merger.template, X, state_dict=state)
-    return merged.state_dict()

@@ -10,11 +10,12 @@ them.
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils.validation import check_is_fitted
 from skorch import NeuralNet
+
+from ._merging import check_same_parameters
 
 TASKS = {
     "classification": (
@@ -134,7 +135,6 @@ def check_members(estimators, task: str = "classification") -> list[NeuralNet]:
         )
     nets = [unwrap_member(member, i, task) for i, member in enumerate(estimators)]
     first = nets[0]
-    reference = _parameter_signature(first.module_)
     for i, net in enumerate(nets[1:], start=1):
         if type(net) is not type(first):
             raise ValueError(
@@ -149,43 +149,5 @@ def check_members(estimators, task: str = "classification") -> list[NeuralNet]:
                 f"estimators[{i}] has classes {classes}, but estimators[0] has "
                 f"{expected}: members must share their classes."
             )
-        _check_same_parameters(reference, _parameter_signature(net.module_), i)
+    check_same_parameters([net.module_ for net in nets], name="estimators")
     return nets
-
-
-def _parameter_signature(module: torch.nn.Module) -> list[tuple]:
-    return [(name, tuple(p.shape), p.dtype) for name, p in module.named_parameters()]
-
-
-def _check_same_parameters(reference: list, other: list, index: int) -> None:
-    for (name0, shape0, dtype0), (name, shape, dtype) in zip(
-        reference, other, strict=False
-    ):
-        if name != name0:
-            raise ValueError(
-                f"estimators[{index}] has parameter {name!r} where estimators[0] "
-                f"has {name0!r}: members must share one architecture."
-            )
-        if shape != shape0:
-            raise ValueError(
-                f"Parameter {name!r} of estimators[{index}] has shape {shape}, but "
-                f"estimators[0] has shape {shape0}: members must share one "
-                "architecture."
-            )
-        if dtype != dtype0:
-            raise ValueError(
-                f"Parameter {name!r} of estimators[{index}] has dtype {dtype}, but "
-                f"estimators[0] has dtype {dtype0}."
-            )
-    if len(other) != len(reference):
-        n_common = min(len(other), len(reference))
-        owner, extra = (
-            (f"estimators[{index}]", other[n_common][0])
-            if len(other) > n_common
-            else ("estimators[0]", reference[n_common][0])
-        )
-        raise ValueError(
-            f"Parameter {extra!r} exists only in {owner}: estimators[{index}] has "
-            f"{len(other)} parameters, estimators[0] has {len(reference)}; members "
-            "must share one architecture."
-        )

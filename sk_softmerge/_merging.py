@@ -11,146 +11,19 @@ The reduction, and running the template with its results, is the fast path of
 """
 
 import copy
-import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from ._batchnorm import (
+    has_batchnorm,
+    recompute_batchnorm_statistics,
+    use_batch_statistics,
+)
+from ._evaluation import member_forward
 from ._fastmerge import BlockPlan, FlatLayout, TemplateBinding, merge, plan_blocks
 from ._gates import deterministic_z, expected_l0, sample_z
-
-GRANULARITIES = ("layer", "tensor", "neuron")
-
-
-@dataclass(frozen=True)
-class MergeUnit:
-    """One group of weights that shares a gate per member.
-
-    Parameters
-    ----------
-    name : str
-        Module name (``"layer"``), parameter name (``"tensor"``) or module name
-        with the output index (``"neuron"``, e.g. ``"0[3]"``).
-    parameters : tuple of str
-        Names of the parameters the unit's weights belong to.
-    """
-
-    name: str
-    parameters: tuple[str, ...]
-
-
-def select_parameters(module: torch.nn.Module, merge=None) -> list[str]:
-    """Names of the parameters of ``module`` that ``merge`` selects.
-
-    A pattern selects a parameter when it matches, in the sense of
-    :func:`fnmatch.fnmatchcase`, the parameter's name or the name of a module
-    that holds it: ``"0"`` selects ``"0.weight"`` and ``"0.bias"``, and
-    ``"*.weight"`` every weight.
-
-    Parameters
-    ----------
-    module : torch.nn.Module
-        The architecture shared by the members.
-    merge : None, str or list of str, default=None
-        Name patterns; ``None`` selects every parameter.
-
-    Returns
-    -------
-    names : list of str
-        Selected parameter names, in the module's order.
-
-    Raises
-    ------
-    ValueError
-        If a pattern selects nothing.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sk_softmerge._merging import select_parameters
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
-    >>> select_parameters(net, "1")
-    ['1.weight', '1.bias']
-    """
-    names = [name for name, _ in module.named_parameters()]
-    if merge is None:
-        return names
-    patterns = [merge] if isinstance(merge, str) else list(merge)
-    selected = set()
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TypeError(
-                f"merge patterns must be strings; got {type(pattern).__name__}."
-            )
-        hits = {name for name in names if _matches(name, pattern)}
-        if not hits:
-            modules = sorted({name.rpartition(".")[0] for name in names})
-            raise ValueError(
-                f"merge pattern {pattern!r} matches no parameter or module. "
-                f"Modules holding parameters: {modules}; parameters: {names}."
-            )
-        selected |= hits
-    return [name for name in names if name in selected]
-
-
-def _matches(name: str, pattern: str) -> bool:
-    parts = name.split(".")
-    prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes)
-
-
-def find_units(
-    module: torch.nn.Module, parameters: Sequence[str], granularity: str = "layer"
-) -> list[MergeUnit]:
-    """Group parameters into merge units.
-
-    Parameters
-    ----------
-    module : torch.nn.Module
-        The architecture shared by the members.
-    parameters : sequence of str
-        Names of the parameters to merge.
-    granularity : {"layer", "tensor", "neuron"}, default="layer"
-        ``"layer"``: the parameters of one module share a gate per member.
-        ``"tensor"``: each parameter has its own gate. ``"neuron"``: each output
-        unit or channel of a module (its weight row or filter and its bias) has
-        its own gate; a module whose parameters disagree on their first
-        dimension gets one gate, as with ``"layer"``.
-
-    Returns
-    -------
-    units : list of MergeUnit
-        In the module's parameter order.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sk_softmerge._merging import find_units
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
-    >>> [u.name for u in find_units(net, ["0.weight", "0.bias", "1.weight"])]
-    ['0', '1']
-    """
-    if granularity not in GRANULARITIES:
-        raise ValueError(
-            f"granularity must be one of {GRANULARITIES}; got {granularity!r}."
-        )
-    if granularity == "tensor":
-        return [MergeUnit(name, (name,)) for name in parameters]
-    by_module: dict[str, list[str]] = {}
-    for name in parameters:
-        by_module.setdefault(name.rpartition(".")[0], []).append(name)
-    units = []
-    for owner, names in by_module.items():
-        rows = {module.get_parameter(n).shape[:1] for n in names}
-        if granularity == "neuron" and len(rows) == 1 and rows != {()}:
-            (n_rows,) = rows.pop()
-            units.extend(
-                MergeUnit(f"{owner}[{row}]", tuple(names)) for row in range(n_rows)
-            )
-        else:
-            units.append(MergeUnit(owner, tuple(names)))
-    return units
+from ._units import find_units, select_parameters
 
 
 class SoftMerge(torch.nn.Module):
@@ -224,7 +97,7 @@ class SoftMerge(torch.nn.Module):
         super().__init__()
         if len(modules) < 1:
             raise ValueError("Merging needs at least 1 module; got 0.")
-        _check_same_parameters(modules)
+        check_same_parameters(modules)
         device = torch.device(device) if device is not None else _device_of(modules[0])
         self.template = copy.deepcopy(modules[0]).to(device).requires_grad_(False)
         names = select_parameters(self.template, merge)
@@ -233,6 +106,7 @@ class SoftMerge(torch.nn.Module):
         self._aliases = _tied_aliases(self.template, names)
         self._binding = TemplateBinding(self.template, names, self._aliases)
         self._layout = FlatLayout([self.template.get_parameter(n).shape for n in names])
+        self._evaluation = (None, None)
 
         theta = self._layout.stack(
             [[member.get_parameter(name) for name in names] for member in modules],
@@ -296,7 +170,54 @@ class SoftMerge(torch.nn.Module):
                 [1.]], grad_fn=<ClampBackward1>)
         """
         magnitude = torch.tensor(magnitude, dtype=self.log_alpha.dtype)
-        self.log_alpha.copy_(torch.where(gates > 0, magnitude, -magnitude))
+        self.set_log_alpha(torch.where(gates > 0, magnitude, -magnitude))
+
+    @torch.no_grad()
+    def set_log_alpha(self, log_alpha: torch.Tensor) -> None:
+        """Copy ``log_alpha`` into the gates' parameters, e.g. to restore the
+        gates of an earlier epoch.
+
+        Parameters
+        ----------
+        log_alpha : torch.Tensor of shape (n_members, n_units)
+
+        Examples
+        --------
+        >>> import torch
+        >>> from sk_softmerge import SoftMerge
+        >>> merger = SoftMerge([torch.nn.Linear(2, 1) for _ in range(2)])
+        >>> merger.set_log_alpha(torch.tensor([[-9.0], [9.0]]))
+        >>> merger.gates().detach()
+        tensor([[0.],
+                [1.]])
+        """
+        self.log_alpha.copy_(log_alpha)
+
+    def use_batch_statistics(self) -> "SoftMerge":
+        """Evaluation mode, except for batch-norm layers, which normalise with
+        each batch's statistics: no stored statistics fit merged weights that
+        change with the gates. Returns the merger."""
+        use_batch_statistics(self.eval().template)
+        return self
+
+    def member_forward(self, module: torch.nn.Module):
+        """Forward function of ``module``'s own weights and buffers, run in an
+        evaluation-mode copy of the template, as the member predicts.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            A member; it is neither run nor modified.
+
+        Returns
+        -------
+        forward : callable
+        """
+        template, evaluation = self._evaluation
+        if template is not self.template:  # a new reference since last call
+            evaluation = copy.deepcopy(self.template).eval()
+            self._evaluation = (self.template, evaluation)
+        return member_forward(evaluation, module)
 
     @property
     def unit_names(self) -> list[str]:
@@ -377,7 +298,7 @@ class SoftMerge(torch.nn.Module):
 
     @torch.no_grad()
     def merged_state_dict(
-        self, gates: torch.Tensor | None = None
+        self, gates: torch.Tensor | None = None, *, statistics_from=None
     ) -> dict[str, torch.Tensor]:
         """State dict of the merged module.
 
@@ -385,6 +306,10 @@ class SoftMerge(torch.nn.Module):
         ----------
         gates : torch.Tensor of shape (n_members, n_units), default=None
             Gate values; ``None`` uses the deterministic gates.
+        statistics_from : torch.Tensor, default=None
+            Inputs to recompute batch-norm running statistics on, since the
+            reference's do not fit the merged weights; ``None`` keeps the
+            reference's buffers.
 
         Returns
         -------
@@ -397,33 +322,73 @@ class SoftMerge(torch.nn.Module):
             gates = self.gates()
         merged = self.merged_parameters(gates)
         merged.update({alias: merged[name] for alias, name in self._aliases})
-        return state | merged
+        state |= merged
+        if statistics_from is None or not has_batchnorm(self.template):
+            return state
+        merged = recompute_batchnorm_statistics(
+            self.template, statistics_from, state_dict=state
+        )
+        return merged.state_dict()
 
 
-def _check_same_parameters(modules: Sequence[torch.nn.Module]) -> None:
-    """Raise a ValueError naming the parameter and the modules that differ from
-    the first module in parameter names, shapes or dtypes."""
-    expected = dict(modules[0].named_parameters())
-    for i, module in enumerate(modules[1:], start=1):
-        found = dict(module.named_parameters())
-        if found.keys() != expected.keys():
-            missing = [name for name in expected if name not in found]
-            extra = [name for name in found if name not in expected]
-            raise ValueError(
-                f"Expected the parameter names of modules[0] in every module; got "
-                f"modules[{i}] with missing {missing} and unexpected {extra}: "
-                "members must share one architecture."
-            )
-        for name, first in expected.items():
-            for what in ("shape", "dtype"):
-                want, got = getattr(first, what), getattr(found[name], what)
-                if want != got:
-                    show = tuple if what == "shape" else str
+def check_same_parameters(
+    modules: Sequence[torch.nn.Module], name: str = "modules"
+) -> None:
+    """Raise a ValueError unless every module has the first one's parameter
+    names, shapes and dtypes, in order.
+
+    Parameters
+    ----------
+    modules : sequence of torch.nn.Module
+        The members; only read.
+    name : str, default="modules"
+        What the messages call the sequence (``"estimators"`` for skorch
+        members).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._merging import check_same_parameters
+    >>> check_same_parameters([torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)])
+    Traceback (most recent call last):
+        ...
+    ValueError: Parameter 'weight' of modules[1] has shape (2, 4), but modules[0] \
+has shape (2, 3): members must share one architecture.
+    """
+    reference = _signature(modules[0])
+    for index, module in enumerate(modules[1:], start=1):
+        other = _signature(module)
+        for (name0, shape0, dtype0), (key, shape, dtype) in zip(
+            reference, other, strict=False
+        ):
+            if key != name0:
+                raise ValueError(
+                    f"{name}[{index}] has parameter {key!r} where {name}[0] has "
+                    f"{name0!r}: members must share one architecture."
+                )
+            for what, got, want in (("shape", shape, shape0), ("dtype", dtype, dtype0)):
+                if got != want:
                     raise ValueError(
-                        f"Expected parameter {name!r} to have {what} {show(want)} "
-                        f"in every module, as in modules[0]; got {show(got)} in "
-                        f"modules[{i}]: members must share one architecture."
+                        f"Parameter {key!r} of {name}[{index}] has {what} {got}, but "
+                        f"{name}[0] has {what} {want}: members must share one "
+                        "architecture."
                     )
+        if len(other) != len(reference):
+            n_common = min(len(other), len(reference))
+            owner, extra = (
+                (f"{name}[{index}]", other[n_common][0])
+                if len(other) > n_common
+                else (f"{name}[0]", reference[n_common][0])
+            )
+            raise ValueError(
+                f"Parameter {extra!r} exists only in {owner}: {name}[{index}] has "
+                f"{len(other)} parameters, {name}[0] has {len(reference)}; members "
+                "must share one architecture."
+            )
+
+
+def _signature(module: torch.nn.Module) -> list[tuple]:
+    return [(key, tuple(p.shape), p.dtype) for key, p in module.named_parameters()]
 
 
 def _tied_aliases(

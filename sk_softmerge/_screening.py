@@ -101,6 +101,32 @@ def extreme_units(
     return (distance > OUTLIER_FACTOR * typical) & (distance > median_norm)
 
 
+def screen(merger) -> torch.Tensor:
+    """:func:`extreme_units` of the members stacked in a merger.
+
+    Parameters
+    ----------
+    merger : SoftMerge
+        The merger, whose stacked weights are only read.
+
+    Returns
+    -------
+    flagged : torch.Tensor of shape (n_members, n_units), dtype bool
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge import SoftMerge
+    >>> from sk_softmerge._screening import screen
+    >>> members = [torch.nn.Linear(2, 2) for _ in range(3)]
+    >>> with torch.no_grad():
+    ...     _ = members[1].weight.mul_(1e3)
+    >>> screen(SoftMerge(members)).flatten().tolist()
+    [False, True, False]
+    """
+    return extreme_units(merger.theta, merger.unit_index, len(merger.units))
+
+
 def _unit_norms(
     squares: torch.Tensor, unit_index: torch.Tensor, n_units: int
 ) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""The task a member was trained on: its loss and its output nonlinearity.
+"""The task a merge's members were trained on, as one object.
+
+Everything a fit does differently for classifiers and regressors is a method
+of :class:`Task`: how the data are split, the loss the gates train on, how a
+candidate model is scored on held-out data, and the net that holds the result.
+The estimators build one task from the members and the targets and pass it to
+the fit they share (and to the baselines); nothing else depends on the task.
 
 The merge trains on the loss its members were trained with, so the gates
 optimise what the members optimised, and predicts through their own predict
@@ -6,10 +12,141 @@ nonlinearity instead of assuming logits.
 """
 
 import copy
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 from skorch import NeuralNet, NeuralNetBinaryClassifier
+
+from ._evaluation import correct_predictions, scaled_squared_errors
+from ._nets import build_merged_net
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Task(ABC):
+    """What a merge needs to know about its members' task.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_softmerge._tasks import ClassificationTask
+    >>> task = ClassificationTask(classes=np.array(["a", "b"]))
+    >>> task.score(np.array([False, True, False, False]))   # 1 error in 4
+    0.75
+    """
+
+    @abstractmethod
+    def split(self, X, y, fraction: float, seed: int) -> list:
+        """``X_train, X_held_out, y_train, y_held_out``."""
+
+    @abstractmethod
+    def check_output(self, output: torch.Tensor, y) -> None:
+        """Raise a ValueError if ``y`` does not fit the members' ``output``."""
+
+    @abstractmethod
+    def loss_function(
+        self, net: NeuralNet, device: torch.device
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``loss(output, y)``: the mean loss that ``net`` was trained on."""
+
+    @abstractmethod
+    def errors(
+        self, forward: Forward, X: torch.Tensor, y: torch.Tensor, predict: Forward
+    ) -> np.ndarray | None:
+        """Per-sample errors of a model on held-out data (lower is better);
+        ``None`` when the model does not predict (non-finite outputs).
+        ``predict`` maps the module's output to what the net predicts."""
+
+    @abstractmethod
+    def score(self, errors: np.ndarray | None) -> float:
+        """The estimator's ``score`` that ``errors`` amount to."""
+
+    @abstractmethod
+    def build_net(self, reference: NeuralNet, state_dict: dict) -> NeuralNet:
+        """A fitted net of ``reference``'s class holding ``state_dict``."""
+
+
+@dataclass(frozen=True)
+class ClassificationTask(Task):
+    """Classification: labels as indices into ``classes``; accuracy.
+
+    Parameters
+    ----------
+    classes : ndarray of shape (n_classes,)
+        The members' classes.
+    """
+
+    classes: np.ndarray
+
+    def split(self, X, y, fraction, seed):
+        """Stratified split (plain when a class is too rare to stratify)."""
+        try:
+            return train_test_split(
+                X, y, test_size=fraction, stratify=y, random_state=seed
+            )
+        except ValueError:
+            return train_test_split(X, y, test_size=fraction, random_state=seed)
+
+    def check_output(self, output, y):
+        """Nothing to check: labels were checked against ``classes``."""
+
+    def loss_function(self, net, device):
+        return classification_loss(net, device)
+
+    def errors(self, forward, X, y, predict):
+        """Misclassifications (bool)."""
+        correct = correct_predictions(forward, X, y, predict)
+        return None if correct is None else ~correct
+
+    def score(self, errors):
+        """Accuracy; -1 for a model that does not predict."""
+        return -1.0 if errors is None else float((~errors).mean())
+
+    def build_net(self, reference, state_dict):
+        return build_merged_net(reference, state_dict, self.classes)
+
+
+@dataclass(frozen=True)
+class RegressionTask(Task):
+    """Regression: targets of shape (n_samples, n_outputs); R^2.
+
+    Parameters
+    ----------
+    n_outputs : int
+        Targets per sample.
+    """
+
+    n_outputs: int
+
+    def split(self, X, y, fraction, seed):
+        return train_test_split(X, y, test_size=fraction, random_state=seed)
+
+    def check_output(self, output, y):
+        n_values = output[0].numel()
+        if n_values != self.n_outputs:
+            raise ValueError(
+                f"y has {self.n_outputs} target(s) per sample, but the members' "
+                f"module outputs {n_values} value(s) per sample (output shape "
+                f"{tuple(output.shape[1:])}); y must have one target per output."
+            )
+
+    def loss_function(self, net, device):
+        return regression_loss(net, device)
+
+    def errors(self, forward, X, y, predict):
+        """Squared errors scaled so that R^2 is one minus their mean."""
+        return scaled_squared_errors(forward, X, y, predict)
+
+    def score(self, errors):
+        """R^2; minus infinity for a model whose predictions are not finite."""
+        return -np.inf if errors is None else float(1 - errors.mean())
+
+    def build_net(self, reference, state_dict):
+        return build_merged_net(reference, state_dict)
 
 
 def classification_loss(

@@ -114,7 +114,9 @@ def learn_gates(
     if validation is not None:
         start_log_alpha = log_alpha.detach().clone()
         best_log_alpha = start_log_alpha.clone()
-        result.validation_loss_curve.append(_task_loss(merger, loss_fn, *validation))
+        result.validation_loss_curve.append(
+            _mean_task_loss(merger, loss_fn, *validation)
+        )
     epochs = tqdm(
         range(max_epochs), desc="learning gates", unit="epoch", disable=verbose <= 0
     )
@@ -152,7 +154,7 @@ def learn_gates(
         postfix = {"loss": f"{result.loss_curve[-1]:.4f}"}
         if validation is not None:
             result.validation_loss_curve.append(
-                _task_loss(merger, loss_fn, *validation)
+                _mean_task_loss(merger, loss_fn, *validation)
             )
             if result.validation_loss_curve[-1] < min(
                 result.validation_loss_curve[:-1]
@@ -171,8 +173,7 @@ def learn_gates(
         merger, loss_fn, *validation, best_log_alpha, start_log_alpha
     ):
         best_log_alpha, result.best_epoch = start_log_alpha, 0
-    with torch.no_grad():
-        log_alpha.copy_(best_log_alpha)
+    merger.set_log_alpha(best_log_alpha)
     return result
 
 
@@ -217,7 +218,7 @@ def _losses_of_batch(loss_fn, output, y):
 
 
 @torch.no_grad()
-def _task_loss(merger, loss_fn, X, y, gates=None, batch_size=1024):
+def _mean_task_loss(merger, loss_fn, X, y, gates=None, batch_size=1024):
     """Mean task loss of a merge, deterministic by default; inf when not finite."""
     if gates is None:
         gates = merger.gates()

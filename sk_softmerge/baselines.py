@@ -26,17 +26,10 @@ References
    models improves accuracy without increasing inference time", ICML 2022.
 """
 
-import copy
-
 import numpy as np
-import torch
-from sklearn.base import BaseEstimator, _fit_context
 
 from ._base import MemberClassifierMixin, MemberRegressorMixin
-from ._candidates import greedy_soup
-from ._evaluation import member_forward
-from ._merging import SoftMerge
-from ._tasks import prediction_function
+from ._soups import BestMember, GreedySoup, OutputEnsemble, UniformSoup
 
 __all__ = [
     "BestMemberClassifier",
@@ -50,92 +43,7 @@ __all__ = [
 ]
 
 
-class _SoupBase(BaseEstimator):
-    """Shared fit of the baselines: check members and data, score members.
-
-    A subclass puts a task mixin (``MemberClassifierMixin`` or
-    ``MemberRegressorMixin``) first, which supplies the data validation and the
-    score, and implements ``_build(nets, template, score)``.
-    """
-
-    _parameter_constraints: dict = {"estimators": [list, tuple]}
-
-    def __init__(self, estimators):
-        self.estimators = estimators
-
-    @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
-        """Build the model, choosing among members on ``(X, y)`` where needed.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-            Held-out inputs, as the members take them.
-        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-            Labels, each one of the members' classes, for classifiers;
-            targets, one per output of the members, for regressors.
-
-        Returns
-        -------
-        self : object
-            The fitted estimator.
-        """
-        nets, X, y = self._validate_fit_data(X, y)
-        # Members are scored in a copy, in eval mode: running a user's skorch net
-        # would switch its module to eval mode.
-        template = copy.deepcopy(nets[0].module_).eval()
-        device = next(template.parameters()).device
-        X = torch.as_tensor(X, device=device)
-        with torch.no_grad():
-            self._check_targets(template(X[:2]), y)
-        y = torch.as_tensor(y, device=device)
-        predict = prediction_function(nets[0])
-
-        def score(forward):
-            return self._score_of(self._per_sample_losses(forward, X, y, predict))
-
-        self._build(nets, template, score)
-        return self
-
-    def _soup(self, nets, ingredients):
-        # Stacking only the ingredients: a left-out member holding NaN would
-        # otherwise spoil the average (0 * nan is nan).
-        soup = SoftMerge([nets[i].module_ for i in ingredients])
-        return self._build_net(nets[ingredients[0]], soup.merged_state_dict())
-
-
-class _BestMember(_SoupBase):
-    def _build(self, nets, template, score):
-        self.scores_ = np.array(
-            [score(member_forward(template, net.module_)) for net in nets]
-        )
-        self.best_index_ = int(np.argmax(self.scores_))
-        best = nets[self.best_index_]
-        self.merged_net_ = self._build_net(best, best.module_.state_dict())
-
-
-class _UniformSoup(_SoupBase):
-    def _build(self, nets, template, score):
-        self.merged_net_ = self._soup(nets, list(range(len(nets))))
-
-
-class _GreedySoup(_SoupBase):
-    def _build(self, nets, template, score):
-        def soup_score(ingredients):
-            soup = SoftMerge([nets[i].module_ for i in ingredients]).eval()
-            return score(soup)
-
-        member_scores = [score(member_forward(template, net.module_)) for net in nets]
-        self.ingredients_, self.score_ = greedy_soup(member_scores, soup_score)
-        self.merged_net_ = self._soup(nets, self.ingredients_)
-
-
-class _OutputEnsemble(_SoupBase):
-    def _build(self, nets, template, score):
-        self.estimators_ = [copy.deepcopy(net) for net in nets]
-
-
-class BestMemberClassifier(MemberClassifierMixin, _BestMember):
+class BestMemberClassifier(MemberClassifierMixin, BestMember):
     """The member most accurate on the data passed to ``fit``.
 
     Parameters
@@ -171,7 +79,7 @@ class BestMemberClassifier(MemberClassifierMixin, _BestMember):
     """
 
 
-class UniformSoupClassifier(MemberClassifierMixin, _UniformSoup):
+class UniformSoupClassifier(MemberClassifierMixin, UniformSoup):
     """The plain average of all members' weights (a "uniform soup").
 
     ``fit`` uses its data only to check it; no member is left out, so a member
@@ -207,7 +115,7 @@ class UniformSoupClassifier(MemberClassifierMixin, _UniformSoup):
     """
 
 
-class GreedySoupClassifier(MemberClassifierMixin, _GreedySoup):
+class GreedySoupClassifier(MemberClassifierMixin, GreedySoup):
     """Greedy soup: add members by accuracy while the soup's accuracy holds.
 
     Members are ranked by accuracy on the ``fit`` data; starting from the best,
@@ -246,7 +154,7 @@ class GreedySoupClassifier(MemberClassifierMixin, _GreedySoup):
     """
 
 
-class OutputEnsembleClassifier(MemberClassifierMixin, _OutputEnsemble):
+class OutputEnsembleClassifier(MemberClassifierMixin, OutputEnsemble):
     """Average of the members' predicted probabilities: K forward passes.
 
     ``fit`` keeps copies of the members, so predicting never runs (and so never
@@ -296,7 +204,7 @@ class OutputEnsembleClassifier(MemberClassifierMixin, _OutputEnsemble):
         return np.mean([net.predict_proba(X) for net in self.estimators_], axis=0)
 
 
-class BestMemberRegressor(MemberRegressorMixin, _BestMember):
+class BestMemberRegressor(MemberRegressorMixin, BestMember):
     """The member with the highest R^2 on the data passed to ``fit``.
 
     Parameters
@@ -331,7 +239,7 @@ class BestMemberRegressor(MemberRegressorMixin, _BestMember):
     """
 
 
-class UniformSoupRegressor(MemberRegressorMixin, _UniformSoup):
+class UniformSoupRegressor(MemberRegressorMixin, UniformSoup):
     """The plain average of all members' weights (a "uniform soup").
 
     ``fit`` uses its data only to check it; no member is left out, so a member
@@ -367,7 +275,7 @@ class UniformSoupRegressor(MemberRegressorMixin, _UniformSoup):
     """
 
 
-class GreedySoupRegressor(MemberRegressorMixin, _GreedySoup):
+class GreedySoupRegressor(MemberRegressorMixin, GreedySoup):
     """Greedy soup: add members by R^2 while the soup's R^2 holds.
 
     Members are ranked by R^2 on the ``fit`` data; starting from the best, each
@@ -406,7 +314,7 @@ class GreedySoupRegressor(MemberRegressorMixin, _GreedySoup):
     """
 
 
-class OutputEnsembleRegressor(MemberRegressorMixin, _OutputEnsemble):
+class OutputEnsembleRegressor(MemberRegressorMixin, OutputEnsemble):
     """Average of the members' predictions: K forward passes.
 
     ``fit`` keeps copies of the members, so predicting never runs (and so never

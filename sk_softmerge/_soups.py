@@ -1,0 +1,103 @@
+"""The fits of the baselines: best member, uniform and greedy soups, ensemble.
+
+The public classes of :mod:`sk_softmerge.baselines` put a task mixin before
+these; each implements ``_build(task, nets, template, score)``.
+"""
+
+import copy
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, _fit_context
+
+from ._candidates import greedy_soup
+from ._evaluation import member_forward
+from ._merging import SoftMerge
+from ._tasks import prediction_function
+
+
+class SoupBase(BaseEstimator):
+    """Shared fit of the baselines: check members and data, score members.
+
+    A subclass puts a task mixin (``MemberClassifierMixin`` or
+    ``MemberRegressorMixin``) first, whose ``_validate_fit_data`` returns the
+    :class:`~sk_softmerge._tasks.Task`, and implements
+    ``_build(task, nets, template, score)``.
+    """
+
+    _parameter_constraints: dict = {"estimators": [list, tuple]}
+
+    def __init__(self, estimators):
+        self.estimators = estimators
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Build the model, choosing among members on ``(X, y)`` where needed.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+            Held-out inputs, as the members take them.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Labels, each one of the members' classes, for classifiers;
+            targets, one per output of the members, for regressors.
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
+        """
+        nets, X, y, task = self._validate_fit_data(X, y)
+        # Members are scored in a copy, in eval mode: running a user's skorch net
+        # would switch its module to eval mode.
+        template = copy.deepcopy(nets[0].module_).eval()
+        device = next(template.parameters()).device
+        X = torch.as_tensor(X, device=device)
+        with torch.no_grad():
+            task.check_output(template(X[:2]), y)
+        y = torch.as_tensor(y, device=device)
+        predict = prediction_function(nets[0])
+
+        def score(forward):
+            return task.score(task.errors(forward, X, y, predict))
+
+        self._build(task, nets, template, score)
+        return self
+
+    @staticmethod
+    def _soup(task, nets, ingredients):
+        # Stacking only the ingredients: a left-out member holding NaN would
+        # otherwise spoil the average (0 * nan is nan).
+        soup = SoftMerge([nets[i].module_ for i in ingredients])
+        return task.build_net(nets[ingredients[0]], soup.merged_state_dict())
+
+
+class BestMember(SoupBase):
+    def _build(self, task, nets, template, score):
+        self.scores_ = np.array(
+            [score(member_forward(template, net.module_)) for net in nets]
+        )
+        self.best_index_ = int(np.argmax(self.scores_))
+        best = nets[self.best_index_]
+        self.merged_net_ = task.build_net(best, best.module_.state_dict())
+
+
+class UniformSoup(SoupBase):
+    def _build(self, task, nets, template, score):
+        self.merged_net_ = self._soup(task, nets, list(range(len(nets))))
+
+
+class GreedySoup(SoupBase):
+    def _build(self, task, nets, template, score):
+        def soup_score(ingredients):
+            soup = SoftMerge([nets[i].module_ for i in ingredients]).eval()
+            return score(soup)
+
+        member_scores = [score(member_forward(template, net.module_)) for net in nets]
+        self.ingredients_, self.score_ = greedy_soup(member_scores, soup_score)
+        self.merged_net_ = self._soup(task, nets, self.ingredients_)
+
+
+class OutputEnsemble(SoupBase):
+    def _build(self, task, nets, template, score):
+        self.estimators_ = [copy.deepcopy(net) for net in nets]
