@@ -59,6 +59,7 @@ class _SoftMergeBase(BaseEstimator):
         "granularity": [StrOptions({"layer", "tensor", "neuron"})],
         "merge": [None, str, list, tuple],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "n_iter_no_change": [None, Interval(Integral, 1, None, closed="left")],
         "align": [None, StrOptions({"weight_matching"})],
         "refit": ["boolean"],
         "device": [str],
@@ -77,6 +78,7 @@ class _SoftMergeBase(BaseEstimator):
         granularity="neuron",
         merge=None,
         validation_fraction=0.2,
+        n_iter_no_change=20,
         align=None,
         refit=True,
         device="auto",
@@ -91,6 +93,7 @@ class _SoftMergeBase(BaseEstimator):
         self.granularity = granularity
         self.merge = merge
         self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
         self.align = align
         self.refit = refit
         self.device = device
@@ -144,6 +147,7 @@ class _SoftMergeBase(BaseEstimator):
             lr=self.lr,
             batch_size=self.batch_size,
             generator=generator,
+            n_iter_no_change=self.n_iter_no_change,
             verbose=self.verbose,
         )
         merger.start_from(start.gates, INIT_LOG_ALPHA)

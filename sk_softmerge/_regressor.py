@@ -50,6 +50,11 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         rule. When one has a significantly lower squared error than the merge
         there (see Notes), ``fit`` warns and falls back to it; a member is then
         reproduced exactly. ``0`` trains on all data and compares nothing.
+    n_iter_no_change : int or None, default=20
+        Stop learning the gates once this many epochs in a row brought no new
+        lowest loss on the held-out part (as scikit-learn's ``MLPClassifier``
+        does); ``None`` runs all ``max_epochs``. No effect with
+        ``validation_fraction=0``.
     align : {None, "weight_matching"}, default=None
         ``None`` assumes the members share one basin (forked from one training,
         or fine-tuned from one checkpoint). ``"weight_matching"`` first permutes

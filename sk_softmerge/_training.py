@@ -45,6 +45,7 @@ def learn_gates(
     batch_size: int = 128,
     generator: torch.Generator | None = None,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    n_iter_no_change: int | None = None,
     verbose: int = 0,
 ) -> GateTraining:
     """Train the merger's log-alphas; nothing else changes.
@@ -63,6 +64,8 @@ def learn_gates(
     The best epoch is kept only if its per-sample validation losses are
     significantly lower than those of the start (a one-sided paired test at
     ``SIGNIFICANCE`` standard deviations); otherwise the start is restored.
+    Training stops early once ``n_iter_no_change`` epochs in a row brought no
+    new lowest validation loss.
 
     Parameters
     ----------
@@ -84,6 +87,9 @@ def learn_gates(
         Source of shuffling and gate noise, on the merger's device.
     validation : tuple of torch.Tensor, default=None
         Held-out ``(X, y)`` on the merger's device, to keep the best epoch.
+    n_iter_no_change : int, default=None
+        With ``validation``, stop after this many epochs without a new lowest
+        validation loss; ``None`` runs every epoch.
     verbose : int, default=0
         Above zero, a progress bar shows epoch, loss and open gates.
 
@@ -166,6 +172,12 @@ def learn_gates(
             n_open = int((merger.gates() > 0).sum())
             postfix["open_gates"] = f"{n_open}/{log_alpha.numel()}"
             epochs.set_postfix(postfix)
+        if (
+            validation is not None
+            and n_iter_no_change is not None
+            and epoch + 1 - result.best_epoch >= n_iter_no_change
+        ):
+            break
     if validation is None:
         result.best_epoch = len(result.loss_curve)
         return result

@@ -49,6 +49,7 @@ class TestFit:
         defaults = SoftMergeClassifier(members).get_params()
         assert defaults["granularity"] == "neuron" and defaults["max_epochs"] == 60
         assert defaults["l0_weight"] == 0.0 and defaults["refit"] is True
+        assert defaults["n_iter_no_change"] == 20
         merge = SoftMergeClassifier(members, max_epochs=2, random_state=0)
         merge.fit(*digits)
         # One gate per member and per output unit: 16 hidden units, 10 classes.
@@ -313,6 +314,7 @@ class TestBadInput:
             ({"lr": 0.0}, "'lr' parameter .* Got 0.0"),
             ({"batch_size": 0}, "'batch_size' parameter .* Got 0"),
             ({"granularity": "block"}, "'granularity' parameter .* Got 'block'"),
+            ({"n_iter_no_change": 0}, "'n_iter_no_change' parameter .* Got 0"),
             ({"merge": 3}, "'merge' parameter .* Got 3"),
             ({"merge": ["nope"]}, "merge pattern 'nope' matches no parameter"),
             ({"device": "mps"}, "device='mps' is not supported"),

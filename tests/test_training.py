@@ -134,6 +134,55 @@ class TestValidationKeepsSignificantGainsOnly:
         assert min(result.validation_loss_curve[1:]) < result.validation_loss_curve[0]
 
 
+@pytest.mark.parametrize("n_iter_no_change", [1, 3])
+def test_learning_stops_after_epochs_without_a_better_validation_loss(
+    n_iter_no_change,
+):
+    # Identical members: no gate changes the merge, so no epoch improves on
+    # the validation loss of the start.
+    merger = SoftMerge([_linear(1.0), _linear(1.0)])
+    X = torch.linspace(-1, 1, 64).unsqueeze(1)
+    result = learn_gates(
+        merger,
+        torch.nn.functional.mse_loss,
+        X,
+        X.clone(),
+        max_epochs=10,
+        generator=torch.Generator().manual_seed(0),
+        validation=(X, X.clone()),
+        n_iter_no_change=n_iter_no_change,
+    )
+    assert len(result.loss_curve) == n_iter_no_change
+    assert len(result.validation_loss_curve) == n_iter_no_change + 1
+    assert result.best_epoch == 0
+
+
+def test_learning_stops_n_epochs_after_the_best_one():
+    # From the average of a good and a bad member, the validation loss falls
+    # while the bad member's gate closes, then stays.
+    merger = SoftMerge([_linear(1.0), _linear(-1.0)])
+    X = torch.randn(400, 1, generator=torch.Generator().manual_seed(0))
+    result = learn_gates(
+        merger,
+        torch.nn.functional.mse_loss,
+        X,
+        X.clone(),
+        l0_weight=0.0,
+        max_epochs=40,
+        lr=0.2,
+        batch_size=16,
+        generator=torch.Generator().manual_seed(0),
+        validation=(X[:200], X[:200].clone()),
+        n_iter_no_change=2,
+    )
+    assert result.best_epoch > 0
+    assert len(result.loss_curve) == min(40, result.best_epoch + 2)
+    curve = result.validation_loss_curve
+    assert (
+        min(curve[result.best_epoch + 1 :], default=np.inf) >= curve[result.best_epoch]
+    )
+
+
 def test_per_sample_task_losses_of_a_criterion_vmap_cannot_trace():
     def loss(output, target):
         # .item() breaks vmap; the loop fallback must give the same values.
