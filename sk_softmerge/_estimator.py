@@ -158,7 +158,7 @@ class _SoftMergeBase(BaseEstimator):
         chosen = self._select(task, merger, candidates, errors, evaluate, data)
         if chosen.name == SOFT_MERGE and self._refits(data, training):
             merger.start_from(start.gates, INIT_LOG_ALPHA)
-            learn(data.X, data.y, max_epochs=training.best_epoch)
+            learn(*_on_device(device, data.X, data.y), max_epochs=training.best_epoch)
             chosen = Candidate(SOFT_MERGE, merger.gates().detach())
         self._set_fitted(merger, rows, nets, start, training, chosen)
         self.merged_net_ = task.build_net(
@@ -177,7 +177,7 @@ class _SoftMergeBase(BaseEstimator):
                 X, y, self.validation_fraction, seed
             )
             held_out = tuple(_on_device(device, X_val, y_val))
-        return _FitData(*_on_device(device, X, y, X_train, y_train), held_out)
+        return _FitData(X, y, *_on_device(device, X_train, y_train), held_out)
 
     def _usable_members(self, nets) -> list[int]:
         """Positions in ``estimators`` of the members without NaN or inf: the
@@ -308,11 +308,13 @@ class _SoftMergeBase(BaseEstimator):
 
 
 class _FitData(NamedTuple):
-    """The fit data on the fit device: all of it, the part the gates train on
-    and the held-out part (``None`` without one)."""
+    """The fit data: all of it, on the host (moved to the fit device only for
+    the refit and batch-norm statistics, so that the device holds one copy),
+    and, on the fit device, the part the gates train on and the held-out part
+    (``None`` without one)."""
 
-    X: torch.Tensor
-    y: torch.Tensor
+    X: np.ndarray
+    y: np.ndarray
     X_train: torch.Tensor
     y_train: torch.Tensor
     held_out: tuple[torch.Tensor, torch.Tensor] | None
@@ -347,7 +349,7 @@ def _fixed_rules(task, merger, average, nets, rows, evaluate):
     return candidates, errors
 
 
-def _state_of(chosen: Candidate, merger: SoftMerge, nets, X: torch.Tensor) -> dict:
+def _state_of(chosen: Candidate, merger: SoftMerge, nets, X: np.ndarray) -> dict:
     """Weights and buffers of the chosen candidate's net: a member's own, or
     the merge's, with batch-norm statistics recomputed on ``X``."""
     if chosen.member is not None:

@@ -306,9 +306,10 @@ class SoftMerge(torch.nn.Module):
         ----------
         gates : torch.Tensor of shape (n_members, n_units), default=None
             Gate values; ``None`` uses the deterministic gates.
-        statistics_from : torch.Tensor, default=None
+        statistics_from : array-like or torch.Tensor, default=None
             Inputs to recompute batch-norm running statistics on, since the
-            reference's do not fit the merged weights; ``None`` keeps the
+            reference's do not fit the merged weights, moved to the merger's
+            device only when the module has batch norm; ``None`` keeps the
             reference's buffers.
 
         Returns
@@ -325,9 +326,8 @@ class SoftMerge(torch.nn.Module):
         state |= merged
         if statistics_from is None or not has_batchnorm(self.template):
             return state
-        merged = recompute_batchnorm_statistics(
-            self.template, statistics_from, state_dict=state
-        )
+        X = torch.as_tensor(statistics_from, device=self.theta.device)
+        merged = recompute_batchnorm_statistics(self.template, X, state_dict=state)
         return merged.state_dict()
 
 
