@@ -337,15 +337,22 @@ def _fixed_rules(task, merger, average, nets, rows, evaluate):
     # statistics.
     member_errors = [evaluate(merger.member_forward(nets[i].module_)) for i in rows]
 
-    def soup_score(gates):
-        return task.score(evaluate(partial(merger, gates=gates)))
+    soups = {}  # the greedy search tries the final soup, maybe the average too
+
+    def soup_errors(gates):
+        key = gates.cpu().numpy().tobytes()
+        if key not in soups:
+            soups[key] = evaluate(partial(merger, gates=gates))
+        return soups[key]
 
     member_scores = [task.score(errors) for errors in member_errors]
-    candidates = fixed_rules(average, rows, member_scores, soup_score)
+    candidates = fixed_rules(
+        average, rows, member_scores, lambda gates: task.score(soup_errors(gates))
+    )
     errors = dict(zip((f"member {i}" for i in rows), member_errors, strict=True))
     for candidate in candidates:
         if candidate.member is None:
-            errors[candidate.name] = evaluate(partial(merger, gates=candidate.gates))
+            errors[candidate.name] = soup_errors(candidate.gates)
     return candidates, errors
 
 
