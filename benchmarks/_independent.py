@@ -1,13 +1,18 @@
 """Quality scenarios: merging members trained from independent initialisations.
 
 MNIST-1D (generated offline by the ``mnist1d`` package, cached in a git-ignored
-``.npz``), an MLP (40-100-100-10) and a small 1-D CNN with batch norm. For each
-seed, five members are trained on the same training set from five different
-random initialisations; they are compared with their uniform weight average
-(without and with weight-matching alignment), their output ensemble, and
-SoftMerge (without and with alignment), all on the 1,000 test samples.
-Batch-norm statistics of every weight average are recomputed on the training
-data, as SoftMerge does for its merged net.
+``.npz``); four architectures: an MLP 40-100-100-10, a wide MLP 40-512-512-10,
+a small 1-D CNN with batch norm (three Conv1d-BatchNorm-ReLU blocks of 16
+channels) and a wide one (64 channels). For each seed, five members are
+trained from five different random initialisations on one stratified 70% of
+the training data (as in scenarios f-h: the held-out fifth of a merge's fit
+then holds samples the members did not see); every merge is fit on all of it.
+They are compared, on the 1,000 test samples, with their output ensemble, their
+uniform weight average unaligned, weight-matched, activation-matched, and
+activation-matched with REPAIR, and SoftMerge with each of these. Batch-norm
+statistics of every weight average are recomputed on the training data, as
+SoftMerge does for its merged net; where every hidden unit passes through batch
+norm (the CNNs), that recomputation is REPAIR and the two columns agree.
 """
 
 import copy
@@ -19,23 +24,29 @@ from _members import mnist1d
 from sklearn.model_selection import train_test_split
 from skorch import NeuralNetClassifier
 
-from sk_softmerge import (
-    SoftMergeClassifier,
-    align_modules,
-    recompute_batchnorm_statistics,
-)
+from sk_softmerge import SoftMerge, SoftMergeClassifier, align_modules
+from sk_softmerge._repair import member_moments, repair_sites
 from sk_softmerge.baselines import BestMemberClassifier
 
 SEEDS = (0, 1, 2)
 N_MEMBERS = 5
+MEMBER_SHARE = 0.7
+"""Share of the training data the members are trained on (stratified)."""
+
+# (column suffix, align, repair)
+VARIANTS = (
+    ("", None, False),
+    (", weight-matched", "weight_matching", False),
+    (", activation-matched", "activation_matching", False),
+    (", activation-matched + REPAIR", "activation_matching", True),
+)
 METHODS = (
     "best member",
     "best member on test",
-    "uniform soup",
-    "uniform soup, aligned",
+    "mean member",
     "output ensemble (5 passes)",
-    "SoftMerge",
-    "SoftMerge, aligned",
+    *(f"uniform soup{suffix}" for suffix, _, _ in VARIANTS),
+    *(f"SoftMerge{suffix}" for suffix, _, _ in VARIANTS),
 )
 
 
@@ -45,17 +56,17 @@ def load_mnist1d():
     return X_train, y_train, X_test, y_test
 
 
-def mlp():
+def mlp(width=100):
     return torch.nn.Sequential(
-        torch.nn.Linear(40, 100),
+        torch.nn.Linear(40, width),
         torch.nn.ReLU(),
-        torch.nn.Linear(100, 100),
+        torch.nn.Linear(width, width),
         torch.nn.ReLU(),
-        torch.nn.Linear(100, 10),
+        torch.nn.Linear(width, 10),
     )
 
 
-def cnn():
+def cnn(channels=16):
     def block(n_in, n_out, kernel):
         return [
             torch.nn.Conv1d(n_in, n_out, kernel, stride=2, padding=1),
@@ -65,17 +76,19 @@ def cnn():
 
     return torch.nn.Sequential(
         torch.nn.Unflatten(1, (1, 40)),
-        *block(1, 16, 5),
-        *block(16, 16, 3),
-        *block(16, 16, 3),
+        *block(1, channels, 5),
+        *block(channels, channels, 3),
+        *block(channels, channels, 3),
         torch.nn.Flatten(),
-        torch.nn.Linear(16 * 5, 10),
+        torch.nn.Linear(channels * 5, 10),
     )
 
 
 ARCHITECTURES = {
     "MLP": dict(module=mlp, max_epochs=20, lr=2e-3),
+    "wide MLP": dict(module=lambda: mlp(512), max_epochs=20, lr=2e-3),
     "CNN": dict(module=cnn, max_epochs=15, lr=5e-3),
+    "wide CNN": dict(module=lambda: cnn(64), max_epochs=15, lr=5e-3),
 }
 
 
@@ -104,26 +117,29 @@ def _accuracy(module, X, y):
         return float((module.eval()(torch.as_tensor(X)).argmax(1).numpy() == y).mean())
 
 
-def uniform_soup(modules, X):
-    """Uniform weight average, with batch-norm statistics recomputed on X."""
-    states = [m.state_dict() for m in modules]
-    average = {
-        name: torch.stack([s[name] for s in states]).mean(0)
-        if value.is_floating_point()
-        else value
-        for name, value in states[0].items()
-    }
+def uniform_soup(modules, X, repair=False):
+    """Uniform weight average, with batch-norm statistics recomputed on X and,
+    with ``repair``, its hidden units' statistics brought to the members'
+    average (the same code as SoftMerge's)."""
+    merger = SoftMerge(modules)
+    if repair:
+        sites = repair_sites(modules[0], X)
+        states = [module.state_dict() for module in modules]
+        merger.set_repair(sites, member_moments(modules[0], states, sites, X))
+    gates = torch.ones_like(merger.gates())
     soup = copy.deepcopy(modules[0])
-    soup.load_state_dict(average)
-    return recompute_batchnorm_statistics(soup, torch.as_tensor(X))
+    soup.load_state_dict(merger.merged_state_dict(gates, statistics_from=X))
+    return soup
 
 
 def run_scenario(architecture, seed, data):
     """Test accuracy of every method on one architecture and seed."""
     X, y, X_test, y_test = data
-    members = train_members(architecture, X, y, seed)
+    X_members, _, y_members, _ = train_test_split(
+        X, y, train_size=MEMBER_SHARE, stratify=y, random_state=seed
+    )
+    members = train_members(architecture, X_members, y_members, seed)
     modules = [net.module_ for net in members]
-    aligned = align_modules(modules, torch.as_tensor(X[:2]))
     proba = np.mean([net.predict_proba(X_test) for net in members], axis=0)
     # Chosen as in the other scenarios: on the stratified fifth of the training
     # data that SoftMerge holds out by default.
@@ -131,21 +147,33 @@ def run_scenario(architecture, seed, data):
         X, y, test_size=0.2, stratify=y, random_state=seed
     )
     best = BestMemberClassifier(members).fit(X_val, y_val)
+    member_scores = [net.score(X_test, y_test) for net in members]
     scores = {
         "best member": best.score(X_test, y_test),
-        "best member on test": max(net.score(X_test, y_test) for net in members),
-        "uniform soup": _accuracy(uniform_soup(modules, X), X_test, y_test),
-        "uniform soup, aligned": _accuracy(uniform_soup(aligned, X), X_test, y_test),
+        "best member on test": max(member_scores),
+        "mean member": float(np.mean(member_scores)),
         "output ensemble (5 passes)": float((proba.argmax(1) == y_test).mean()),
     }
-    for name, align in (("SoftMerge", None), ("SoftMerge, aligned", "weight_matching")):
-        merge = SoftMergeClassifier(members, align=align, random_state=seed)
-        scores[name] = merge.fit(X, y).score(X_test, y_test)
-        scores[f"{name}: start, kept"] = f"{merge.start_}, {merge.selected_}"
+    aligned = {None: modules}
+    for method in ("weight_matching", "activation_matching"):
+        aligned[method] = align_modules(modules, X, method=method)
+    for suffix, align, repair in VARIANTS:
+        soup = uniform_soup(aligned[align], X, repair=repair)
+        scores[f"uniform soup{suffix}"] = _accuracy(soup, X_test, y_test)
+    for suffix, align, repair in VARIANTS:
+        merge = SoftMergeClassifier(
+            members, align=align, repair=repair, random_state=seed
+        )
+        start = time.perf_counter()
+        scores[f"SoftMerge{suffix}"] = merge.fit(X, y).score(X_test, y_test)
+        scores[f"SoftMerge{suffix}: fit seconds"] = time.perf_counter() - start
+        scores[f"SoftMerge{suffix}: start, epoch, kept"] = (
+            f"{merge.start_}, {merge.best_epoch_}, {merge.selected_}"
+        )
     return scores
 
 
-def scenarios_independent_init(seeds=SEEDS, verbose=True):
+def scenarios_independent_init(seeds=SEEDS, architectures=None, verbose=True):
     """Run every architecture and seed.
 
     Returns
@@ -155,7 +183,7 @@ def scenarios_independent_init(seeds=SEEDS, verbose=True):
     """
     data = load_mnist1d()
     results = {}
-    for architecture in ARCHITECTURES:
+    for architecture in architectures or ARCHITECTURES:
         results[architecture] = {method: [] for method in METHODS}
         for seed in seeds:
             start = time.perf_counter()

@@ -1,9 +1,9 @@
 """Merge trained neural networks into one by learning L0 gates over their weights."""
 
-from ._alignment import align_modules
 from ._batchnorm import recompute_batchnorm_statistics
 from ._classifier import SoftMergeClassifier
 from ._export import load_merged
+from ._matching import align_modules
 from ._merging import SoftMerge
 from ._plotting import plot_gates
 from ._regressor import SoftMergeRegressor

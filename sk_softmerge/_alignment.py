@@ -1,12 +1,12 @@
-"""Aligning the hidden units of independently trained networks.
+"""The permutation symmetries of a network's hidden units.
 
 Two networks trained from different random initialisations can compute the
 same function with their hidden units in different orders; averaging them
 weight by weight then mixes unrelated units. Permuting each member's hidden
-units to match a reference member first puts the members in one basin, where
-averaging works. This module finds those permutations by weight matching
-(Ainsworth, Hayase and Srinivasa, "Git Re-Basin", ICLR 2023) and applies them
-to copies of the members.
+units to match the others first puts the members in one basin, where
+averaging works. This module finds which permutations leave a network's
+function unchanged and applies them to state dicts;
+:mod:`sk_softmerge._matching` chooses them.
 
 Which tensors a permutation acts on, and along which axis, is read from the
 network itself: :func:`permutation_spec` traces it with :mod:`torch.fx`,
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -38,6 +37,8 @@ from torch.nn.modules.pooling import (
     _LPPoolNd,
     _MaxPoolNd,
 )
+
+from ._activations import Site
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,15 @@ class PermutationGroup:
         Number of units.
     axes : tuple of PermutedAxis
         Every tensor axis the permutation acts on.
+    sites : tuple of Site
+        Where the units can be observed: the outputs of the layers that create
+        them and the inputs of the layers that consume them.
     """
 
     name: str
     size: int
     axes: tuple[PermutedAxis, ...]
+    sites: tuple[Site, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,7 @@ class _SpecBuilder:
         self.parent: list[int] = []
         self.fixed: list[bool] = []
         self.axes: dict[tuple[str, int], tuple[int, int]] = {}
+        self.sites: list[tuple[int, Site]] = []
 
     # union-find over permutation groups
     def new_group(self, name: str, size: int) -> int:
@@ -277,6 +283,9 @@ class _SpecBuilder:
         else:
             self.axes[key] = (state.group, state.block)
 
+    def observe(self, group: int, site: Site) -> None:
+        self.sites.append((group, site))
+
     def groups(self) -> list[PermutationGroup]:
         members: dict[int, list[PermutedAxis]] = {}
         for (tensor, axis), (group, block) in self.axes.items():
@@ -285,8 +294,13 @@ class _SpecBuilder:
                 members.setdefault(root, []).append(
                     PermutedAxis(tensor, axis, block, tensor in self.parameters)
                 )
+        sites: dict[int, list[Site]] = {}
+        for group, site in self.sites:
+            sites.setdefault(self.find(group), []).append(site)
         return [
-            PermutationGroup(self.names[root], self.sizes[root], tuple(axes))
+            PermutationGroup(
+                self.names[root], self.sizes[root], tuple(axes), tuple(sites[root])
+            )
             for root, axes in sorted(members.items())
         ]
 
@@ -461,6 +475,11 @@ def _layer(node, layer, permuted, builder, graph_module) -> _Permuted:
             )
     out_axis = len(_shape(node)) - 1 if is_linear else ndim_in - layer.weight.dim() + 1
     prefix = f"{node.target}."
+    if permuted:
+        state = permuted[0]
+        builder.observe(
+            state.group, Site(node.target, "input", state.axis, state.block)
+        )
     if not is_linear and layer.groups != 1:
         if not (layer.groups == layer.in_channels == layer.out_channels and permuted):
             raise ValueError(
@@ -473,6 +492,7 @@ def _layer(node, layer, permuted, builder, graph_module) -> _Permuted:
             builder.register(prefix + "weight", 1, permuted[0])
         size = layer.out_features if is_linear else layer.out_channels
         output = _Permuted(builder.new_group(node.target, size), out_axis, 1)
+    builder.observe(output.group, Site(node.target, "output", out_axis))
     builder.register(prefix + "weight", 0, output)
     if layer.bias is not None:
         builder.register(prefix + "bias", 0, output)
@@ -632,186 +652,3 @@ def _permute_axis(tensor, axis, block, permutation):
         offsets = torch.arange(block, device=tensor.device)
         permutation = (permutation[:, None] * block + offsets).reshape(-1)
     return tensor.index_select(axis, permutation)
-
-
-def _units(tensor, axis, size):
-    """One row per unit of the axis (a unit's block is contiguous once moved first)."""
-    return tensor.movedim(axis, 0).reshape(size, -1)
-
-
-def weight_matching(
-    reference: dict[str, torch.Tensor],
-    other: dict[str, torch.Tensor],
-    groups: Sequence[PermutationGroup],
-    *,
-    max_iter: int = 100,
-    random_state: int | None = 0,
-) -> list[torch.Tensor]:
-    """Permutations of ``other``'s units that best match ``reference``'s weights.
-
-    Maximises the sum, over every parameter, of the inner product between the
-    reference's and the permuted other's values, by coordinate descent: each
-    group in turn is solved exactly as a linear assignment problem with the
-    other groups held fixed, until no group improves (Ainsworth et al., 2023,
-    algorithm 1).
-
-    Parameters
-    ----------
-    reference, other : dict of str to torch.Tensor
-        State dicts of two modules of one architecture.
-    groups : sequence of PermutationGroup
-        From :func:`permutation_spec`.
-    max_iter : int, default=100
-        Most passes over the groups.
-    random_state : int or None, default=0
-        Seeds the order in which groups are visited in each pass.
-
-    Returns
-    -------
-    permutations : list of torch.Tensor
-        One long tensor per group, to pass to :func:`permute_state` with
-        ``other``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sk_softmerge._alignment import (permutation_spec, permute_state,
-    ...                                      weight_matching)
-    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(),
-    ...                           torch.nn.Linear(5, 2))
-    >>> groups = permutation_spec(net, torch.zeros(2, 3))
-    >>> shuffled = permute_state(net.state_dict(), groups,
-    ...                          [torch.tensor([4, 2, 0, 1, 3])])
-    >>> weight_matching(net.state_dict(), shuffled, groups)
-    [tensor([2, 3, 1, 4, 0])]
-    """
-    rng = np.random.default_rng(random_state)
-    on_tensor: dict[str, list[tuple[int, PermutedAxis]]] = {}
-    for g, group in enumerate(groups):
-        for axis in group.axes:
-            on_tensor.setdefault(axis.tensor, []).append((g, axis))
-    device = next(iter(other.values())).device
-    permutations = [torch.arange(group.size, device=device) for group in groups]
-    for _ in range(max_iter):
-        improved = False
-        for g in rng.permutation(len(groups)):
-            group = groups[g]
-            similarity = torch.zeros(
-                group.size, group.size, dtype=torch.float64, device=device
-            )
-            for axis in group.axes:
-                if not axis.parameter:
-                    continue
-                moved = other[axis.tensor]
-                for h, other_axis in on_tensor[axis.tensor]:
-                    if other_axis.axis != axis.axis:
-                        moved = _permute_axis(
-                            moved, other_axis.axis, other_axis.block, permutations[h]
-                        )
-                a = _units(reference[axis.tensor], axis.axis, group.size)
-                b = _units(moved, axis.axis, group.size)
-                similarity += a.double().to(device) @ b.double().T
-            similarity = similarity.cpu().numpy()
-            _, best = linear_sum_assignment(similarity, maximize=True)
-            current = permutations[g].cpu().numpy()
-            rows = np.arange(group.size)
-            gain = similarity[rows, best].sum() - similarity[rows, current].sum()
-            if gain > 1e-12 * max(1.0, abs(similarity[rows, current].sum())):
-                permutations[g] = torch.as_tensor(best, device=device)
-                improved = True
-        if not improved:
-            break
-    return permutations
-
-
-def align_modules(
-    modules: Sequence[torch.nn.Module],
-    example_input: torch.Tensor,
-    *,
-    reference: int = 0,
-    max_iter: int = 100,
-    random_state: int | None = 0,
-) -> list[torch.nn.Module]:
-    """Copies of ``modules`` with hidden units permuted to match one of them.
-
-    Every member is weight-matched (Git Re-Basin) to the reference member; its
-    copy then holds the same function with its hidden units in the reference's
-    order, so that averaging the copies weight by weight averages matching
-    units. The given modules are never changed.
-
-    Parameters
-    ----------
-    modules : sequence of torch.nn.Module
-        Modules of one architecture; see :func:`permutation_spec` for the
-        supported layers.
-    example_input : torch.Tensor
-        A small batch of valid inputs, used to trace the shapes.
-    reference : int, default=0
-        Index of the member the others are matched to; its copy is unchanged.
-    max_iter : int, default=100
-        Most coordinate-descent passes of weight matching per member.
-    random_state : int or None, default=0
-        Seeds the order in which weight matching visits the groups.
-
-    Returns
-    -------
-    aligned : list of torch.nn.Module
-        Deep copies, in the order of ``modules``.
-
-    Raises
-    ------
-    ValueError
-        If the architecture cannot be aligned (the message names the module),
-        or the modules do not share one architecture. Nothing is copied or
-        changed then.
-
-    References
-    ----------
-    .. [1] S. K. Ainsworth, J. Hayase and S. Srinivasa, "Git Re-Basin: Merging
-       Models modulo Permutation Symmetries", ICLR 2023, arXiv:2209.04836.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sk_softmerge import align_modules
-    >>> def mlp(seed):
-    ...     torch.manual_seed(seed)
-    ...     return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
-    ...                                torch.nn.Linear(16, 3))
-    >>> members = [mlp(0), mlp(1)]
-    >>> aligned = align_modules(members, torch.randn(2, 4))
-    >>> x = torch.randn(5, 4)
-    >>> torch.allclose(aligned[1](x), members[1](x), atol=1e-6)
-    True
-    >>> torch.equal(aligned[0][0].weight, members[0][0].weight)
-    True
-    """
-    modules = list(modules)
-    if not -len(modules) <= reference < len(modules):
-        raise ValueError(
-            f"reference={reference} is not the index of one of the "
-            f"{len(modules)} modules."
-        )
-    groups = permutation_spec(modules[reference], example_input)
-    states = [module.state_dict() for module in modules]
-    layout = {name: tensor.shape for name, tensor in states[reference].items()}
-    for i, state in enumerate(states):
-        if {name: tensor.shape for name, tensor in state.items()} != layout:
-            raise ValueError(
-                f"modules[{i}] does not have the parameters and buffers of "
-                f"modules[{reference}]: the modules must share one architecture."
-            )
-    aligned = []
-    for i, (module, state) in enumerate(zip(modules, states, strict=True)):
-        module_copy = copy.deepcopy(module)
-        if i != reference % len(modules) and groups:
-            permutations = weight_matching(
-                states[reference],
-                state,
-                groups,
-                max_iter=max_iter,
-                random_state=random_state,
-            )
-            module_copy.load_state_dict(permute_state(state, groups, permutations))
-        aligned.append(module_copy)
-    return aligned

@@ -20,12 +20,13 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._alignment import align_modules
 from ._candidates import Candidate, choose_start, fixed_rules
 from ._devices import resolve_device
 from ._evaluation import choose_lowest_loss
 from ._export import save_merged
+from ._matching import ALIGNMENTS, align_modules
 from ._merging import SoftMerge
+from ._repair import member_moments, repair_sites
 from ._screening import nonfinite_members, screen
 from ._tasks import prediction_function
 from ._training import learn_gates
@@ -60,7 +61,8 @@ class _SoftMergeBase(BaseEstimator):
         "merge": [None, str, list, tuple],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
         "n_iter_no_change": [None, Interval(Integral, 1, None, closed="left")],
-        "align": [None, StrOptions({"weight_matching"})],
+        "align": [None, StrOptions(set(ALIGNMENTS))],
+        "repair": [StrOptions({"auto"}), "boolean"],
         "refit": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
@@ -80,6 +82,7 @@ class _SoftMergeBase(BaseEstimator):
         validation_fraction=0.2,
         n_iter_no_change=20,
         align=None,
+        repair="auto",
         refit=True,
         device="auto",
         random_state=None,
@@ -95,6 +98,7 @@ class _SoftMergeBase(BaseEstimator):
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.align = align
+        self.repair = repair
         self.refit = refit
         self.device = device
         self.random_state = random_state
@@ -131,7 +135,7 @@ class _SoftMergeBase(BaseEstimator):
         random_state = check_random_state(self.random_state)
         data = self._fit_data(task, X, y, random_state, device)
         rows = self._usable_members(nets)
-        merger, average, reference = self._build_merger(nets, rows, data.X_train)
+        merger, average, reference = self._build_merger(nets, rows, data)
         task.check_output(_check_forward(merger, data.X_train), data.y_train)
         generator = torch.Generator(device=device).manual_seed(
             int(random_state.randint(np.iinfo(np.int32).max))
@@ -198,22 +202,25 @@ class _SoftMergeBase(BaseEstimator):
             )
         return [i for i in range(len(nets)) if i not in self.excluded_estimators_]
 
-    def _build_merger(self, nets, rows, X_train):
-        """The merger of the members at ``rows``, with extreme weights screened.
+    def _build_merger(self, nets, rows, data):
+        """The merger of the members at ``rows`` (aligned, when asked), with
+        extreme weights screened and unit statistics corrected, when asked.
 
         Returns the merger, the gates of the uniform average (closed where a
         member's weights on a unit are extreme) and the position in
         ``estimators`` of the reference member, the first one screened nowhere:
         unmerged parameters and buffers come from it, so a malicious member
-        never supplies them. Sets ``screened_``.
+        never supplies them. Sets ``screened_`` and ``repaired_layers_``.
         """
-        modules = _member_modules([nets[i] for i in rows], X_train, self.align)
+        modules = [nets[i].module_ for i in rows]
+        if self.align is not None:
+            modules = align_modules(modules, data.X, method=self.align)
         merger = SoftMerge(
             modules,
             granularity=self.granularity,
             merge=self.merge,
             init_log_alpha=INIT_LOG_ALPHA,
-            device=X_train.device,
+            device=data.X_train.device,
         )
         screened = screen(merger)
         self.screened_ = _per_estimator(screened.cpu().numpy(), rows, len(nets))
@@ -221,6 +228,14 @@ class _SoftMergeBase(BaseEstimator):
         row = int(sound[0]) if len(sound) else 0
         merger.set_reference(modules[row])
         merger.use_batch_statistics()
+        self.repaired_layers_ = []
+        if self.repair is True or (self.repair == "auto" and self.align is not None):
+            sites = repair_sites(modules[0], data.X)
+            states = [module.state_dict() for module in modules]
+            moments = member_moments(
+                modules[0], states, sites, data.X, device=merger.theta.device
+            )
+            self.repaired_layers_ = [s.layer for s in merger.set_repair(sites, moments)]
         return merger, (~screened).to(merger.log_alpha.dtype), rows[row]
 
     def _select(self, task, merger, candidates, errors, evaluate, data) -> Candidate:
@@ -384,14 +399,6 @@ def _check_forward(merger: SoftMerge, X: torch.Tensor) -> torch.Tensor:
             f"X with sample shape {tuple(X.shape[1:])} cannot be passed through "
             f"the members' module: {exc}"
         ) from exc
-
-
-def _member_modules(nets, X: np.ndarray, align: str | None) -> list:
-    modules = [net.module_ for net in nets]
-    if align is None:
-        return modules
-    example = torch.as_tensor(X[:2])
-    return align_modules(modules, example)
 
 
 def _on_device(device, *arrays) -> list[torch.Tensor]:

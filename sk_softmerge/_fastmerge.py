@@ -324,6 +324,22 @@ class _Merge(torch.autograd.Function):
         return grad_z * slope, None, None, None, None
 
 
+def mixing_weights(z: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
+    """The weights ``c[k, u] / sum_k c[k, u]`` of the specification,
+    differentiable in ``z``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._fastmerge import mixing_weights
+    >>> mixing_weights(torch.tensor([[1.0, 0.0], [3.0, 0.0]]),
+    ...                torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
+    tensor([[0.2500, 1.0000],
+            [0.7500, 0.0000]])
+    """
+    return _convex(z, log_alpha)[0]
+
+
 def _convex(z, log_alpha):
     """Mixing weights ``c / sum_k c``, and what their backward pass needs."""
     best = log_alpha == log_alpha.amax(0, keepdim=True)

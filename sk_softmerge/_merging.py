@@ -21,8 +21,16 @@ from ._batchnorm import (
     use_batch_statistics,
 )
 from ._evaluation import member_forward
-from ._fastmerge import BlockPlan, FlatLayout, TemplateBinding, merge, plan_blocks
-from ._gates import deterministic_z, expected_l0, sample_z
+from ._fastmerge import (
+    BlockPlan,
+    FlatLayout,
+    TemplateBinding,
+    merge,
+    mixing_weights,
+    plan_blocks,
+)
+from ._gates import deterministic_z, expected_l0, hard_concrete, sample_z
+from ._repair import Repair
 from ._units import find_units, select_parameters
 
 
@@ -107,6 +115,7 @@ class SoftMerge(torch.nn.Module):
         self._binding = TemplateBinding(self.template, names, self._aliases)
         self._layout = FlatLayout([self.template.get_parameter(n).shape for n in names])
         self._evaluation = (None, None)
+        self._repair: Repair | None = None
 
         theta = self._layout.stack(
             [[member.get_parameter(name) for name in names] for member in modules],
@@ -192,6 +201,54 @@ class SoftMerge(torch.nn.Module):
                 [1.]])
         """
         self.log_alpha.copy_(log_alpha)
+
+    def set_repair(self, sites, moments) -> list:
+        """Correct the statistics of merged hidden units (REPAIR).
+
+        From now on, a forward pass renormalises the output units of the
+        ``sites`` with each batch's statistics to the gate-weighted average of
+        the members' ``moments``, and :meth:`merged_state_dict` folds that
+        correction, measured on its ``statistics_from`` data, into the merged
+        weights (see :mod:`sk_softmerge._repair`). Sites whose layer weight is
+        not merged are left out.
+
+        Parameters
+        ----------
+        sites : sequence of RepairSite
+            From :func:`~sk_softmerge._repair.repair_sites`.
+        moments : sequence of (array-like, array-like)
+            Per site, the members' unit means and standard deviations, of
+            shape ``(n_members, n_units)``, in the order of the merger's
+            members (:func:`~sk_softmerge._repair.member_moments`).
+
+        Returns
+        -------
+        sites : list of RepairSite
+            The sites corrected.
+        """
+        kept, kept_moments, units = [], [], []
+        for site, site_moments in zip(sites, moments, strict=True):
+            weight = f"{site.layer}.weight"
+            columns = [
+                u for u, unit in enumerate(self.units) if weight in unit.parameters
+            ]
+            if not columns:
+                continue
+            if len(columns) != site.size:  # one gate for the whole layer
+                columns = columns[:1] * site.size
+            kept.append(site)
+            kept_moments.append(site_moments)
+            units.append(torch.tensor(columns))
+        self._repair = None
+        if kept:
+            self._repair = Repair(
+                kept,
+                kept_moments,
+                units,
+                device=self.theta.device,
+                dtype=self.theta.dtype,
+            )
+        return kept
 
     def use_batch_statistics(self) -> "SoftMerge":
         """Evaluation mode, except for batch-norm layers, which normalise with
@@ -291,10 +348,19 @@ class SoftMerge(torch.nn.Module):
             Logistic noise for a hard-concrete sample of the gates, the fast
             path of a training step (see :meth:`merged_parameters`).
         """
-        merged = self._merged(gates, gate_noise)
         if self._binding.template is not self.template:  # a new reference
             self._binding = TemplateBinding(self.template, self._names, self._aliases)
-        return self._binding(merged, args, kwargs)
+        if self._repair is None:
+            return self._binding(self._merged(gates, gate_noise), args, kwargs)
+        # The targets need the gates themselves: draw the sample outside the
+        # merge's node.
+        if gate_noise is not None:
+            gates = hard_concrete(self.log_alpha, gate_noise)
+        elif gates is None:
+            gates = self.gates()
+        merged = self._merged(gates, None)
+        with self._repair.applied(self.template, mixing_weights(gates, self.log_alpha)):
+            return self._binding(merged, args, kwargs)
 
     @torch.no_grad()
     def merged_state_dict(
@@ -309,8 +375,9 @@ class SoftMerge(torch.nn.Module):
         statistics_from : array-like or torch.Tensor, default=None
             Inputs to recompute batch-norm running statistics on, since the
             reference's do not fit the merged weights, moved to the merger's
-            device only when the module has batch norm; ``None`` keeps the
-            reference's buffers.
+            device in batches, and to measure the corrected units on after
+            :meth:`set_repair`; ``None`` keeps the reference's buffers (and is
+            refused after :meth:`set_repair`).
 
         Returns
         -------
@@ -324,9 +391,27 @@ class SoftMerge(torch.nn.Module):
         merged = self.merged_parameters(gates)
         merged.update({alias: merged[name] for alias, name in self._aliases})
         state |= merged
-        if statistics_from is None or not has_batchnorm(self.template):
+        if self._repair is not None and statistics_from is None:
+            raise ValueError(
+                "The merge corrects its units' statistics (set_repair): pass "
+                "statistics_from, the data to measure them on."
+            )
+        if statistics_from is None:
             return state
-        X = torch.as_tensor(statistics_from, device=self.theta.device)
+        batchnorm = has_batchnorm(self.template)
+        if batchnorm:
+            state = self._recompute_batchnorm(state, statistics_from)
+        if self._repair is not None:
+            weights = mixing_weights(gates, self.log_alpha)
+            state = self._repair.fold(self.template, state, weights, statistics_from)
+            for alias, name in self._aliases:
+                state[alias] = state[name]
+            if batchnorm:  # the corrected units feed later batch norms
+                state = self._recompute_batchnorm(state, statistics_from)
+        return state
+
+    def _recompute_batchnorm(self, state, X) -> dict:
+        X = torch.as_tensor(X, device=self.theta.device)
         merged = recompute_batchnorm_statistics(self.template, X, state_dict=state)
         return merged.state_dict()
 
