@@ -54,13 +54,22 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         lowest loss on the held-out part (as scikit-learn's ``MLPClassifier``
         does); ``None`` runs all ``max_epochs``. No effect with
         ``validation_fraction=0``.
-    align : {None, "weight_matching"}, default=None
+    align : {None, "weight_matching", "activation_matching"}, default=None
         ``None`` assumes the members share one basin (forked from one training,
-        or fine-tuned from one checkpoint). ``"weight_matching"`` first permutes
-        the hidden units of copies of the members to match the first member
-        (Git Re-Basin weight matching [3]_), as members trained from different
-        random initialisations need; see :func:`~sk_softmerge.align_modules`
-        for the supported layers.
+        or fine-tuned from one checkpoint). Members trained from different
+        random initialisations need their hidden units aligned first: copies
+        of the members are permuted to match each other (Git Re-Basin [3]_),
+        by their weights (``"weight_matching"``) or by the correlations of
+        their hidden units on ``X`` (``"activation_matching"``); see
+        :func:`~sk_softmerge.align_modules` for the supported layers.
+    repair : "auto" or bool, default="auto"
+        Correct the statistics of merged hidden units (REPAIR [4]_): each
+        merged unit's pre-activation mean and standard deviation on ``X`` are
+        brought to the gate-weighted average of the members', while the gates
+        learn (with each batch's statistics) and in ``merged_net_`` (folded
+        into the weights and biases, so the architecture is the members').
+        Units that pass through batch norm are left to the recomputation of
+        its statistics. ``"auto"`` repairs when ``align`` is set.
     refit : bool, default=True
         When the learned gates beat their start on the held-out part, learn
         them again from the same start on all of ``(X, y)`` for the number of
@@ -106,6 +115,9 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         to a fixed rule.
     excluded_estimators_ : list of int
         Members left out because they hold NaN or inf.
+    repaired_layers_ : list of str
+        Names of the layers whose output units ``repair`` corrected; empty
+        without repair.
     screened_ : ndarray of shape (n_estimators, n_units), dtype bool
         Gates that started closed because the member's weights on that unit lie
         far from every other member's (see Notes).
@@ -205,6 +217,9 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
        Networks through L0 Regularization", ICLR 2018, arXiv:1712.01312.
     .. [3] S. K. Ainsworth, J. Hayase and S. Srinivasa, "Git Re-Basin: Merging
        Models modulo Permutation Symmetries", ICLR 2023, arXiv:2209.04836.
+    .. [4] K. Jordan, H. Sedghi, O. Saukh, R. Entezari and B. Neyshabur,
+       "REPAIR: REnormalizing Permuted Activations for Interpolation Repair",
+       ICLR 2023, arXiv:2211.08403.
 
     Examples
     --------

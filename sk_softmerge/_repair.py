@@ -40,8 +40,12 @@ from ._activations import Site, unit_moments
 from ._alignment import permutation_spec
 
 EPS = 1e-5
-"""Added to a merged unit's variance before dividing by its square root, as
-batch norm does, so that a unit constant on the data is shifted, not blown up."""
+"""Added to a batch's variance of a unit before dividing by its square root
+while gates learn, as batch norm does, so that gradients stay finite."""
+
+CONSTANT = 1e-6
+"""A merged unit whose standard deviation on the fit data is at most this is
+constant there: the fold shifts it to its target mean but does not scale it."""
 
 
 @dataclass(frozen=True)
@@ -303,9 +307,12 @@ class Repair:
             [(now, spread)] = unit_moments(module, [state], [site.site], [site.size], X)
             weight, bias = f"{site.layer}.weight", f"{site.layer}.bias"
             dtype, device = state[weight].dtype, state[weight].device
-            variance = torch.as_tensor(spread[0] ** 2, dtype=dtype, device=device)
+            spread = torch.as_tensor(spread[0], dtype=dtype, device=device)
             current = torch.as_tensor(now[0], dtype=dtype, device=device)
-            scale = std.to(dtype) * torch.rsqrt(variance + EPS)
+            varies = spread > CONSTANT
+            scale = torch.where(
+                varies, std.to(dtype) / torch.where(varies, spread, 1), 1
+            )
             shape = (-1,) + (1,) * (state[weight].dim() - 1)
             state[weight] = state[weight] * scale.view(shape)
             state[bias] = (state[bias] - current) * scale + mean.to(dtype)

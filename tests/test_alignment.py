@@ -176,21 +176,37 @@ class TestPermutationSpec:
         }
 
 
+METHODS = ["weight_matching", "activation_matching"]
+
+
 class TestAlignModules:
-    @pytest.mark.parametrize("architecture", ["mlp", "conv_bn", "residual"])
-    def test_shuffled_member_is_aligned_back_exactly(self, architecture, inputs):
+    @pytest.mark.parametrize("method", METHODS)
+    @pytest.mark.parametrize("architecture", ["mlp", "conv_bn", "residual", "custom"])
+    def test_shuffled_member_is_aligned_back_exactly(
+        self, architecture, method, inputs
+    ):
         reference = member(architecture, 0)
         shuffled = shuffled_copy(reference, inputs, seed=1)
         assert not same_state(shuffled, state_of(reference))
-        _, aligned = align_modules([reference, shuffled], inputs)
+        _, aligned = align_modules([reference, shuffled], inputs, method=method)
         for name, value in reference.state_dict().items():
             assert torch.equal(aligned.state_dict()[name], value), name
 
+    @pytest.mark.parametrize("method", METHODS)
+    def test_many_shuffled_copies_align_to_one(self, method, inputs):
+        # Rounds of matching each member to all others keep exact matches.
+        reference = member("mlp", 0)
+        copies = [shuffled_copy(reference, inputs, seed=s) for s in range(1, 5)]
+        aligned = align_modules([reference, *copies], inputs, method=method)
+        for module in aligned:
+            assert same_state(module, state_of(reference))
+
+    @pytest.mark.parametrize("method", METHODS)
     @pytest.mark.parametrize("architecture", ["mlp", "conv_bn", "residual", "custom"])
-    def test_outputs_unchanged(self, architecture, inputs):
+    def test_outputs_unchanged(self, architecture, method, inputs):
         members = [member(architecture, seed) for seed in range(3)]
         before = [state_of(m) for m in members]
-        aligned = align_modules(members, inputs[:2])
+        aligned = align_modules(members, inputs, method=method)
         with torch.no_grad():
             for original, copy_ in zip(members, aligned, strict=True):
                 assert copy_ is not original
@@ -204,15 +220,17 @@ class TestAlignModules:
             False,
         ]
 
-    def test_reference_member(self, inputs):
+    @pytest.mark.parametrize("method", METHODS)
+    def test_reference_member(self, method, inputs):
         members = [member("mlp", seed) for seed in range(3)]
-        aligned = align_modules(members, inputs, reference=2)
+        aligned = align_modules(members, inputs, reference=2, method=method)
         for name, value in members[2].state_dict().items():
             assert torch.equal(aligned[2].state_dict()[name], value)
 
-    def test_alignment_brings_members_closer(self, inputs):
+    @pytest.mark.parametrize("method", METHODS)
+    def test_alignment_brings_members_closer(self, method, inputs):
         members = [member("mlp", seed) for seed in range(2)]
-        aligned = align_modules(members, inputs)
+        aligned = align_modules(members, inputs, method=method)
 
         def distance(a, b):
             return sum(
@@ -221,6 +239,34 @@ class TestAlignModules:
             )
 
         assert distance(aligned[0], aligned[1]) < distance(members[0], members[1])
+
+    def test_activation_matching_finds_rescaled_units(self):
+        # Members that compute the same features with different weights: each
+        # unit of the second is a noisy rescaling of one unit of the first.
+        torch.manual_seed(0)
+        first = mlp()
+        second = copy.deepcopy(first)
+        with torch.no_grad():
+            scale = torch.rand(16) * 3 + 0.1
+            second[0].weight.mul_(scale[:, None])
+            second[0].bias.mul_(scale)
+            second[2].weight.div_(scale[None, :])
+        groups = permutation_spec(first, torch.zeros(2, N_FEATURES))
+        shuffled = permute_state(
+            second.state_dict(), groups, [torch.randperm(16), torch.randperm(8)]
+        )
+        second.load_state_dict(shuffled)
+        X = torch.randn(500, N_FEATURES)
+        _, by_activations = align_modules(
+            [first, second], X, method="activation_matching"
+        )
+        torch.testing.assert_close(
+            by_activations[0].weight / scale[:, None], first[0].weight
+        )
+
+    def test_unknown_method(self, inputs):
+        with pytest.raises(ValueError, match="method must be one of"):
+            align_modules([mlp(), mlp()], inputs, method="zip")
 
 
 class Attention(torch.nn.Module):
@@ -385,9 +431,23 @@ class TestEstimator:
             merge.fit(X, y)
         assert all(map(same_state, [n.module_ for n in nets], before))
 
+    def test_activation_matching_merges_independent_members(
+        self, independent_members, digits, monkeypatch
+    ):
+        X, y = digits
+        monkeypatch.setattr(sk_softmerge._estimator, "choose_start", _average_start)
+        before = [state_of(m.module_) for m in independent_members]
+        params = dict(max_epochs=2, random_state=0, validation_fraction=0)
+        aligned = SoftMergeClassifier(
+            independent_members, align="activation_matching", **params
+        ).fit(X, y)
+        plain = SoftMergeClassifier(independent_members, **params).fit(X, y)
+        assert all(map(same_state, [m.module_ for m in independent_members], before))
+        assert aligned.score(X, y) > max(0.9, plain.score(X, y))
+
     def test_invalid_align(self, members, digits):
         with pytest.raises(ValueError, match="'align' parameter"):
-            SoftMergeClassifier(members, align="activation_matching").fit(*digits)
+            SoftMergeClassifier(members, align="zip_it").fit(*digits)
 
 
 def _average_start(candidates, losses):
