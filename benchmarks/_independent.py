@@ -208,17 +208,19 @@ def format_scores(scores):
     )
 
 
-def format_table(results, seeds=SEEDS):
-    """Markdown table: mean test accuracy (and each seed's) per method."""
+def format_table(results):
+    """Markdown table: one row per method, one column per architecture; test
+    accuracy in %, mean over seeds, then each seed's."""
+    architectures = list(results)
     lines = [
-        "| model | method | mean test accuracy | per seed |",
-        "|---|---|---|---|",
+        "| method | " + " | ".join(architectures) + " |",
+        "| --- |" + " --- |" * len(architectures),
     ]
-    for architecture, scores in results.items():
-        for method in METHODS:
-            values = scores[method]
-            per_seed = " / ".join(f"{v:.3f}" for v in values)
-            lines.append(
-                f"| {architecture} | {method} | {np.mean(values):.3f} | {per_seed} |"
-            )
+    for method in METHODS:
+        cells = []
+        for architecture in architectures:
+            values = 100 * np.asarray(results[architecture][method])
+            per_seed = " / ".join(f"{v:.1f}" for v in values)
+            cells.append(f"**{values.mean():.1f}** ({per_seed})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -225,6 +225,24 @@ class SoftMerge(torch.nn.Module):
         -------
         sites : list of RepairSite
             The sites corrected.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from sk_softmerge import SoftMerge
+        >>> from sk_softmerge._repair import member_moments, repair_sites
+        >>> members = [torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(),
+        ...                                torch.nn.Linear(8, 2)) for _ in range(2)]
+        >>> X = torch.randn(100, 3)
+        >>> sites = repair_sites(members[0], X)
+        >>> moments = member_moments(members[0], [m.state_dict() for m in members],
+        ...                          sites, X)
+        >>> merger = SoftMerge(members)
+        >>> [site.layer for site in merger.set_repair(sites, moments)]
+        ['0']
+        >>> merged = merger.merged_state_dict(statistics_from=X)
+        >>> sorted(merged)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
         """
         kept, kept_moments, units = [], [], []
         for site, site_moments in zip(sites, moments, strict=True):

@@ -232,12 +232,6 @@ class Repair:
         )
         self.unit = torch.cat([torch.as_tensor(u) for u in units]).to(device)
 
-    def to(self, device) -> "Repair":
-        """Move the targets to ``device``, in place; returns the object."""
-        self.mean, self.std = self.mean.to(device), self.std.to(device)
-        self.unit = self.unit.to(device)
-        return self
-
     def targets(self, weights: torch.Tensor):
         """Target means and standard deviations of every site's units.
 
