@@ -8,8 +8,8 @@ trained from five different random initialisations on one stratified 70% of
 the training data (as in scenarios f-h: the held-out fifth of a merge's fit
 then holds samples the members did not see); every merge is fit on all of it.
 They are compared, on the 1,000 test samples, with their output ensemble, their
-uniform weight average unaligned, weight-matched, activation-matched, and
-activation-matched with REPAIR, and SoftMerge with each of these. Batch-norm
+uniform weight average unaligned, weight-matched and activation-matched (each
+aligned one without and with REPAIR), and SoftMerge with each of these. Batch-norm
 statistics of every weight average are recomputed on the training data, as
 SoftMerge does for its merged net; where every hidden unit passes through batch
 norm (the CNNs), that recomputation is REPAIR and the two columns agree.
@@ -37,6 +37,7 @@ MEMBER_SHARE = 0.7
 VARIANTS = (
     ("", None, False),
     (", weight-matched", "weight_matching", False),
+    (", weight-matched + REPAIR", "weight_matching", True),
     (", activation-matched", "activation_matching", False),
     (", activation-matched + REPAIR", "activation_matching", True),
 )
