@@ -34,6 +34,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._activations import Site, unit_moments
@@ -224,12 +225,13 @@ class Repair:
     def __init__(self, sites, moments, units, *, device=None, dtype=torch.float32):
         self.sites = list(sites)
         self.sizes = [site.size for site in self.sites]
-        self.mean = torch.cat(
-            [torch.as_tensor(m, dtype=dtype, device=device) for m, _ in moments], 1
-        )
-        self.std = torch.cat(
-            [torch.as_tensor(s, dtype=dtype, device=device) for _, s in moments], 1
-        )
+        # (2, n_members, n_corrected_units): means, then standard deviations.
+        self.moments = torch.stack(
+            [
+                torch.cat([torch.as_tensor(m[i], dtype=dtype) for m in moments], 1)
+                for i in (0, 1)
+            ]
+        ).to(device)
         self.unit = torch.cat([torch.as_tensor(u) for u in units]).to(device)
 
     def targets(self, weights: torch.Tensor):
@@ -245,10 +247,9 @@ class Repair:
         means, stds : tuple of torch.Tensor
             One tensor of shape ``(site.size,)`` per site.
         """
-        mixing = weights.to(self.mean.dtype).index_select(1, self.unit)
-        means = (mixing * self.mean).sum(0).split(self.sizes)
-        stds = (mixing * self.std).sum(0).split(self.sizes)
-        return means, stds
+        mixing = weights.to(self.moments.dtype).index_select(1, self.unit)
+        means, stds = (mixing * self.moments).sum(1)
+        return means.split(self.sizes), stds.split(self.sizes)
 
     @contextmanager
     def applied(self, template: torch.nn.Module, weights: torch.Tensor):
@@ -314,11 +315,15 @@ class Repair:
 
 
 def _renormalise(axis, mean, std, module, args, output):
-    """Forward hook: ``output``'s units to ``mean`` and ``std``, by batch."""
-    dims = [d for d in range(output.dim()) if d != axis]
-    shape = [1] * output.dim()
-    shape[axis] = -1
-    centred = output - output.mean(dims, keepdim=True)
-    variance = centred.square().mean(dims, keepdim=True)
-    scale = std.view(shape) * torch.rsqrt(variance + EPS)
-    return centred * scale + mean.view(shape)
+    """Forward hook: ``output``'s units to ``mean`` and ``std``, by batch: batch
+    norm in training mode, with the targets as its affine parameters."""
+    if output.dim() == 1:  # a Linear layer run on one unbatched sample
+        return output
+    moved = output.movedim(axis, 1)
+    if moved.numel() == moved.shape[1]:  # one observation per unit: no spread
+        shape = (1, -1) + (1,) * (moved.dim() - 2)
+        return (moved * 0 + mean.view(shape)).movedim(1, axis)
+    renormalised = F.batch_norm(
+        moved, None, None, weight=std, bias=mean, training=True, eps=EPS
+    )
+    return renormalised.movedim(1, axis)

@@ -177,6 +177,16 @@ class TestForward:
                 merger(X, gates=gates), merged(X), rtol=1e-3, atol=1e-4
             )
 
+    def test_batch_of_one_sample(self, X):
+        # The last batch of an epoch can hold one sample: no spread to measure.
+        merger, _ = repaired_merger(members(mlp), X)
+        y = torch.randint(0, 3, (129,))
+        result = learn_gates(
+            merger, torch.nn.functional.cross_entropy, X[:129], y, batch_size=128
+        )
+        assert np.isfinite(result.loss_curve).all()
+        assert torch.isfinite(merger.log_alpha).all()
+
     def test_gates_learn_through_the_correction(self, X):
         modules = members(mlp)
         merger, _ = repaired_merger(modules, X)
