@@ -10,13 +10,15 @@ changed.
 """
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.func import functional_call
+
+from ._inputs import to_device
 
 BATCH_SIZE = 512
 """Samples per forward pass when activations are measured."""
@@ -149,13 +151,16 @@ class Recorder:
         (on the copy's device)."""
         captured: dict = {}
         with self._hooks(captured):
-            functional_call(self.template, state_dict, (X,))
+            if isinstance(X, Mapping):
+                functional_call(self.template, state_dict, (), dict(X))
+            else:
+                functional_call(self.template, state_dict, (X,))
         return [captured[(site.module, site.where)] for site in self.sites]
 
     def batches(self, X, batch_size: int = BATCH_SIZE) -> Iterator[torch.Tensor]:
         """``X`` (array or tensor) in batches on the copy's device."""
         for start in range(0, len(X), batch_size):
-            yield torch.as_tensor(X[start : start + batch_size], device=self.device)
+            yield to_device(X[start : start + batch_size], self.device)
 
 
 def unit_moments(

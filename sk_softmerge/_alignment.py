@@ -355,6 +355,14 @@ def permutation_spec(
     >>> [(a.tensor, a.axis) for a in group.axes]
     [('0.weight', 0), ('0.bias', 0), ('2.weight', 1)]
     """
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.MultiheadAttention):
+            raise ValueError(
+                f"Cannot align {type(module).__name__}: module {name!r} is "
+                "attention (MultiheadAttention), through which no permutation of "
+                "hidden units is supported. Merge such members without align "
+                "(forks of one training share their units' order)."
+            )
     module = copy.deepcopy(module).eval()
     device = next((t.device for t in module.parameters()), example_input.device)
     example_input = example_input.to(device)

@@ -7,12 +7,19 @@ classifier mixin and the regressor mixin validate the targets and return the
 for everything else that differs between tasks.
 """
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from sklearn.base import ClassifierMixin, RegressorMixin, clone
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    check_consistent_length,
+    check_is_fitted,
+    validate_data,
+)
 
+from ._inputs import InputDict, cast, check_dict, takes_integers
 from ._members import check_members
 from ._nets import module_dtype
 from ._tasks import ClassificationTask, RegressionTask
@@ -42,19 +49,48 @@ class _MemberMixin:
     def _check_members_and_X(self, X, y, **check_y):
         """Unwrap and check the members, validate ``X`` and ``y``.
 
-        Sets ``n_features_in_`` (and ``feature_names_in_``); returns the nets and
-        ``X`` in the members' dtype.
+        ``X`` is an array, or a dict of arrays (one per keyword argument of the
+        members' forward, as skorch takes it). Sets ``n_features_in_`` (and
+        ``feature_names_in_``) for an array; returns the nets and ``X`` in the
+        members' float dtype, integers kept as int64 for members holding an
+        embedding.
         """
         nets = check_members(self.estimators, self._task_name)
-        X, y = validate_data(self, X, y, allow_nd=True, dtype="numeric", **check_y)
         self._input_dtype = numpy_dtype(module_dtype(nets[0].module_))
-        return nets, X.astype(self._input_dtype), y
+        self._integer_inputs = takes_integers(nets[0].module_)
+        if isinstance(X, Mapping):
+            X = check_dict(X)
+            y = validate_data(self, y=y, **check_y)
+            check_consistent_length(X, y)
+            for attribute in ("n_features_in_", "feature_names_in_"):
+                if hasattr(self, attribute):  # from an earlier fit on an array
+                    delattr(self, attribute)
+            self._input_keys = list(X)
+        else:
+            X, y = validate_data(self, X, y, allow_nd=True, dtype="numeric", **check_y)
+            self._input_keys = None
+        return nets, self._cast(X), y
+
+    def _cast(self, X):
+        """``X`` (array or InputDict) in the dtypes the members take."""
+        if isinstance(X, InputDict):
+            return InputDict(**{key: self._cast(value) for key, value in X.items()})
+        return cast(X, self._input_dtype, self._integer_inputs)
 
     def _validate_predict_data(self, X):
         check_is_fitted(self)
+        keys = getattr(self, "_input_keys", None)
+        if isinstance(X, Mapping) != (keys is not None):
+            fitted = "a dict of arrays" if keys is not None else "one array"
+            raise ValueError(
+                f"X is {'a dict' if isinstance(X, Mapping) else 'an array'}, but the "
+                f"estimator was fitted with {fitted}."
+            )
+        if keys is not None:
+            return self._cast(check_dict(X, keys))
         X = validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
         # A read-only view (of a pandas frame, say) would make torch warn.
-        return np.require(X, dtype=self._input_dtype, requirements="W")
+        return self._cast(X)
 
 
 class MemberClassifierMixin(ClassifierMixin, _MemberMixin):

@@ -12,6 +12,8 @@ import copy
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._inputs import call
+
 
 def has_batchnorm(module: torch.nn.Module) -> bool:
     """Whether ``module`` holds a batch-norm layer that tracks running statistics.
@@ -113,7 +115,7 @@ def recompute_batchnorm_statistics(
             n_seen += len(batch)
             for layer in layers:
                 layer.momentum = len(batch) / n_seen
-            module(batch)
+            call(module, batch)
     for layer, momentum in zip(layers, momenta, strict=True):
         layer.momentum = momentum
     return module.eval()

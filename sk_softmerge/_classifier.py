@@ -90,7 +90,7 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         The members' classes.
     n_features_in_ : int
         Number of features seen during ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during ``fit``, when ``X`` has string column
         names.
     gates_ : ndarray of shape (n_estimators, n_units)

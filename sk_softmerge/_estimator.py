@@ -24,6 +24,7 @@ from ._candidates import Candidate, choose_start, fixed_rules
 from ._devices import resolve_device
 from ._evaluation import choose_lowest_loss
 from ._export import save_merged
+from ._inputs import InputDict, call, to_device
 from ._matching import ALIGNMENTS, align_modules
 from ._merging import SoftMerge
 from ._repair import member_moments, repair_sites
@@ -162,7 +163,11 @@ class _SoftMergeBase(BaseEstimator):
         chosen = self._select(task, merger, candidates, errors, evaluate, data)
         if chosen.name == SOFT_MERGE and self._refits(data, training):
             merger.start_from(start.gates, INIT_LOG_ALPHA)
-            learn(*_on_device(device, data.X, data.y), max_epochs=training.best_epoch)
+            X_all, y_all = (
+                to_device(data.X, device),
+                torch.as_tensor(data.y, device=device),
+            )
+            learn(X_all, y_all, max_epochs=training.best_epoch)
             chosen = Candidate(SOFT_MERGE, merger.gates().detach())
         self._set_fitted(merger, rows, nets, start, training, chosen)
         self.merged_net_ = task.build_net(
@@ -180,8 +185,12 @@ class _SoftMergeBase(BaseEstimator):
             X_train, X_val, y_train, y_val = task.split(
                 X, y, self.validation_fraction, seed
             )
-            held_out = tuple(_on_device(device, X_val, y_val))
-        return _FitData(X, y, *_on_device(device, X_train, y_train), held_out)
+            held_out = (to_device(X_val, device), torch.as_tensor(y_val, device=device))
+        X_train, y_train = (
+            to_device(X_train, device),
+            torch.as_tensor(y_train, device=device),
+        )
+        return _FitData(X, y, X_train, y_train, held_out)
 
     def _usable_members(self, nets) -> list[int]:
         """Positions in ``estimators`` of the members without NaN or inf: the
@@ -393,13 +402,16 @@ def _check_forward(merger: SoftMerge, X: torch.Tensor) -> torch.Tensor:
     """The merge's output on two samples; a clear error if ``X`` does not fit."""
     try:
         with torch.no_grad():
-            return merger(X[:2])
-    except RuntimeError as exc:
+            return call(merger, X[:2])
+    except (RuntimeError, TypeError) as exc:
         raise ValueError(
-            f"X with sample shape {tuple(X.shape[1:])} cannot be passed through "
-            f"the members' module: {exc}"
+            f"X {_describe_inputs(X)} cannot be passed through the members' "
+            f"module: {exc}"
         ) from exc
 
 
-def _on_device(device, *arrays) -> list[torch.Tensor]:
-    return [torch.as_tensor(array, device=device) for array in arrays]
+def _describe_inputs(X) -> str:
+    if isinstance(X, InputDict):
+        shapes = {key: tuple(value.shape[1:]) for key, value in X.items()}
+        return f"with keys and sample shapes {shapes}"
+    return f"with sample shape {tuple(X.shape[1:])}"

@@ -2,11 +2,12 @@
 
 import math
 from collections.abc import Callable
-from functools import partial
 
 import numpy as np
 import torch
 from torch.func import functional_call
+
+from ._inputs import call
 
 SIGNIFICANCE = 2.0
 """Standard deviations by which a candidate must beat the merge to replace it."""
@@ -51,7 +52,7 @@ def correct_predictions(
     """
     correct, finite = [], torch.ones((), device=X.device, dtype=torch.bool)
     for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):
-        proba = nonlinearity(forward(X[batch]))
+        proba = nonlinearity(call(forward, X[batch]))
         finite &= torch.isfinite(proba).all()
         correct.append(proba.argmax(-1) == y[batch])
     return torch.cat(correct).cpu().numpy() if finite.item() else None
@@ -92,7 +93,11 @@ def member_forward(
     state = {
         k: v.detach().to(device, copy=True) for k, v in module.state_dict().items()
     }
-    return partial(functional_call, template, state)
+
+    def forward(*args, **kwargs):
+        return functional_call(template, state, args, kwargs)
+
+    return forward
 
 
 @torch.no_grad()
@@ -145,7 +150,7 @@ def scaled_squared_errors(
     scale = torch.where(variance > 0, variance, torch.ones_like(variance))
     errors, finite = [], torch.ones((), device=X.device, dtype=torch.bool)
     for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):
-        predicted = nonlinearity(forward(X[batch])).reshape(y[batch].shape)
+        predicted = nonlinearity(call(forward, X[batch])).reshape(y[batch].shape)
         finite &= torch.isfinite(predicted).all()
         squared = (predicted.to(torch.float64) - y[batch]) ** 2
         errors.append((squared / scale).mean(dim=-1))

@@ -30,6 +30,7 @@ from ._alignment import (
     permutation_spec,
     permute_state,
 )
+from ._inputs import check_one_input
 
 ALIGNMENTS = ("weight_matching", "activation_matching")
 
@@ -342,6 +343,7 @@ def align_modules(
     """
     if method not in ALIGNMENTS:
         raise ValueError(f"method must be one of {ALIGNMENTS}; got {method!r}.")
+    check_one_input(example_input, "Alignment")
     modules = list(modules)
     if not -len(modules) <= reference < len(modules):
         raise ValueError(

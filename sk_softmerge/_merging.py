@@ -30,6 +30,7 @@ from ._fastmerge import (
     plan_blocks,
 )
 from ._gates import deterministic_z, expected_l0, hard_concrete, sample_z
+from ._inputs import to_device
 from ._repair import Repair
 from ._units import find_units, select_parameters
 
@@ -429,7 +430,7 @@ class SoftMerge(torch.nn.Module):
         return state
 
     def _recompute_batchnorm(self, state, X) -> dict:
-        X = torch.as_tensor(X, device=self.theta.device)
+        X = to_device(X, self.theta.device)
         merged = recompute_batchnorm_statistics(self.template, X, state_dict=state)
         return merged.state_dict()
 

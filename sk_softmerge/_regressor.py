@@ -93,7 +93,7 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         ``(n_samples,)``).
     n_features_in_ : int
         Number of features seen during ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during ``fit``, when ``X`` has string column
         names.
     gates_ : ndarray of shape (n_estimators, n_units)

@@ -39,6 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._activations import Site, unit_moments
 from ._alignment import permutation_spec
+from ._inputs import check_one_input
 
 EPS = 1e-5
 """Added to a batch's variance of a unit before dividing by its square root
@@ -103,6 +104,7 @@ def repair_sites(module: torch.nn.Module, example_input) -> list[RepairSite]:
     >>> repair_sites(net, torch.zeros(2, 4))
     [RepairSite(layer='0', axis=1, size=8)]
     """
+    check_one_input(example_input, "repair")
     example = torch.as_tensor(example_input[:2])
     try:
         groups = permutation_spec(module, example)

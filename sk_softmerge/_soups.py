@@ -12,6 +12,7 @@ from sklearn.base import BaseEstimator, _fit_context
 
 from ._candidates import greedy_soup
 from ._evaluation import member_forward
+from ._inputs import call, to_device
 from ._merging import SoftMerge
 from ._tasks import prediction_function
 
@@ -52,9 +53,9 @@ class SoupBase(BaseEstimator):
         # would switch its module to eval mode.
         template = copy.deepcopy(nets[0].module_).eval()
         device = next(template.parameters()).device
-        X = torch.as_tensor(X, device=device)
+        X = to_device(X, device)
         with torch.no_grad():
-            task.check_output(template(X[:2]), y)
+            task.check_output(call(template, X[:2]), y)
         y = torch.as_tensor(y, device=device)
         predict = prediction_function(nets[0])
 

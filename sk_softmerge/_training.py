@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from ._evaluation import choose_lowest_loss
 from ._gates import deterministic_z, expected_l0_with_slope, logistic_noise
+from ._inputs import call
 from ._merging import SoftMerge
 
 
@@ -141,7 +142,7 @@ def learn_gates(
             X[order].split(batch_size), y[order].split(batch_size), strict=True
         )
         for step, (X_batch, y_batch) in enumerate(batches):
-            loss = loss_fn(merger(X_batch, gate_noise=noise[step]), y_batch)
+            loss = loss_fn(call(merger, X_batch, gate_noise=noise[step]), y_batch)
             # autograd.grad spares zero_grad and the accumulation into .grad.
             (grad,) = torch.autograd.grad(loss, log_alpha)
             # A sampled merge that overflows (a malicious member's gate drawn
@@ -211,7 +212,7 @@ def _per_sample_task_losses(merger, loss_fn, X, y, gates, batch_size=1024):
     ``None`` when some loss is not finite."""
     losses = torch.cat(
         [
-            _losses_of_batch(loss_fn, merger(X[batch], gates=gates), y[batch])
+            _losses_of_batch(loss_fn, call(merger, X[batch], gates=gates), y[batch])
             for batch in torch.arange(X.shape[0], device=X.device).split(batch_size)
         ]
     )
@@ -236,7 +237,7 @@ def _mean_task_loss(merger, loss_fn, X, y, gates=None, batch_size=1024):
         gates = merger.gates()
     total = torch.zeros((), device=X.device)
     for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):
-        total += loss_fn(merger(X[batch], gates=gates), y[batch]) * batch.shape[0]
+        total += loss_fn(call(merger, X[batch], gates=gates), y[batch]) * batch.shape[0]
     loss = total.item() / X.shape[0]
     return loss if math.isfinite(loss) else math.inf
 

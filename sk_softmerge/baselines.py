@@ -12,7 +12,7 @@ by accuracy for classifiers and by R^2 for regressors:
   average of all members' weights;
 - :class:`GreedySoupClassifier`, :class:`GreedySoupRegressor`: members added to
   an average in order of score while the score on ``(X, y)`` does not drop
-  (Wortsman et al., 2022);
+  (Wortsman et al., 2022 [1]_);
 - :class:`OutputEnsembleClassifier`, :class:`OutputEnsembleRegressor`: the
   average of the members' predicted probabilities or predictions, one forward
   pass per member.
