@@ -10,7 +10,7 @@ changed.
 """
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from ._inputs import to_device
+from ._inputs import is_dict, to_device
 
 BATCH_SIZE = 512
 """Samples per forward pass when activations are measured."""
@@ -151,7 +151,7 @@ class Recorder:
         (on the copy's device)."""
         captured: dict = {}
         with self._hooks(captured):
-            if isinstance(X, Mapping):
+            if is_dict(X):
                 functional_call(self.template, state_dict, (), dict(X))
             else:
                 functional_call(self.template, state_dict, (X,))

@@ -7,8 +7,6 @@ classifier mixin and the regressor mixin validate the targets and return the
 for everything else that differs between tasks.
 """
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 from sklearn.base import ClassifierMixin, RegressorMixin, clone
@@ -19,7 +17,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ._inputs import InputDict, cast, check_dict, takes_integers
+from ._inputs import InputDict, cast, check_dict, is_dict, takes_integers
 from ._members import check_members
 from ._nets import module_dtype
 from ._tasks import ClassificationTask, RegressionTask
@@ -58,7 +56,7 @@ class _MemberMixin:
         nets = check_members(self.estimators, self._task_name)
         self._input_dtype = numpy_dtype(module_dtype(nets[0].module_))
         self._integer_inputs = takes_integers(nets[0].module_)
-        if isinstance(X, Mapping):
+        if is_dict(X):
             X = check_dict(X)
             y = validate_data(self, y=y, **check_y)
             check_consistent_length(X, y)
@@ -80,10 +78,10 @@ class _MemberMixin:
     def _validate_predict_data(self, X):
         check_is_fitted(self)
         keys = getattr(self, "_input_keys", None)
-        if isinstance(X, Mapping) != (keys is not None):
+        if is_dict(X) != (keys is not None):
             fitted = "a dict of arrays" if keys is not None else "one array"
             raise ValueError(
-                f"X is {'a dict' if isinstance(X, Mapping) else 'an array'}, but the "
+                f"X is {'a dict' if is_dict(X) else 'an array'}, but the "
                 f"estimator was fitted with {fitted}."
             )
         if keys is not None:
@@ -244,3 +242,38 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     dtype('float32')
     """
     return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def weighted_samples(X, y, sample_weight):
+    """``X``, ``y`` and the checked weights without the samples of weight
+    zero, as if absent; the weights are ``None`` when ``sample_weight`` is.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_softmerge._base import weighted_samples
+    >>> X, y, w = weighted_samples(np.arange(3.0)[:, None], np.arange(3), [1, 0, 2])
+    >>> y, w
+    (array([0, 2]), array([1., 2.]))
+    """
+    if sample_weight is None:
+        return X, y, None
+    weights = np.asarray(sample_weight, dtype=np.float64)
+    if weights.shape != (len(y),):
+        raise ValueError(
+            f"sample_weight must hold one weight per sample, of shape ({len(y)},); "
+            f"got shape {weights.shape}."
+        )
+    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+        raise ValueError(
+            "sample_weight must be finite and non-negative; got values from "
+            f"{weights.min()} to {weights.max()}."
+        )
+    present = weights > 0
+    if not present.any():
+        raise ValueError(
+            "Every sample_weight is zero: there is no sample to learn the gates on."
+        )
+    if present.all():
+        return X, y, weights
+    return X[present], y[present], weights[present]

@@ -20,6 +20,7 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from ._base import weighted_samples
 from ._candidates import Candidate, choose_start, fixed_rules
 from ._devices import resolve_device
 from ._evaluation import choose_lowest_loss
@@ -106,7 +107,7 @@ class _SoftMergeBase(BaseEstimator):
         self.verbose = verbose
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Learn the gates that merge the members on ``(X, y)``.
 
         The steps: check the members and leave out broken ones; build the
@@ -119,12 +120,21 @@ class _SoftMergeBase(BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, ...)
-            Training inputs, as the members take them; float64 is cast to the
-            members' dtype.
+        X : array-like of shape (n_samples, ...) or dict of str to array-like
+            Training inputs, as the members take them: one array, or one array
+            per keyword argument of the members' ``forward`` (as skorch passes
+            a dict or :class:`skorch.helper.SliceDict`). Floats are cast to the
+            members' dtype; integers stay integers (int64) for members holding
+            an ``nn.Embedding``.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Targets: labels, each one of the members' classes, for a
             classifier; one value per output of the members for a regressor.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of every sample: it multiplies the sample's
+            task loss while the gates learn, and its errors on the held-out
+            part (the start, the epoch kept, the check against the fixed
+            rules). Samples of weight zero are left out, as if absent.
+            Batch-norm and REPAIR statistics are not weighted.
 
         Returns
         -------
@@ -132,9 +142,10 @@ class _SoftMergeBase(BaseEstimator):
             The fitted estimator.
         """
         nets, X, y, task = self._validate_fit_data(X, y)
+        X, y, sample_weight = weighted_samples(X, y, sample_weight)
         device = resolve_device(self.device)
         random_state = check_random_state(self.random_state)
-        data = self._fit_data(task, X, y, random_state, device)
+        data = self._fit_data(task, X, y, sample_weight, random_state, device)
         rows = self._usable_members(nets)
         merger, average, reference = self._build_merger(nets, rows, data)
         task.check_output(_check_forward(merger, data.X_train), data.y_train)
@@ -158,16 +169,21 @@ class _SoftMergeBase(BaseEstimator):
         merger.start_from(start.gates, INIT_LOG_ALPHA)
         max_epochs = self.max_epochs if len(rows) > 1 else 0
         training = learn(
-            data.X_train, data.y_train, max_epochs=max_epochs, validation=data.held_out
+            data.X_train,
+            data.y_train,
+            max_epochs=max_epochs,
+            validation=data.held_out,
+            sample_weight=data.w_train,
         )
         chosen = self._select(task, merger, candidates, errors, evaluate, data)
         if chosen.name == SOFT_MERGE and self._refits(data, training):
             merger.start_from(start.gates, INIT_LOG_ALPHA)
-            X_all, y_all = (
+            X_all, y_all, w_all = (
                 to_device(data.X, device),
                 torch.as_tensor(data.y, device=device),
+                _weights_on(device, data.w),
             )
-            learn(X_all, y_all, max_epochs=training.best_epoch)
+            learn(X_all, y_all, max_epochs=training.best_epoch, sample_weight=w_all)
             chosen = Candidate(SOFT_MERGE, merger.gates().detach())
         self._set_fitted(merger, rows, nets, start, training, chosen)
         self.merged_net_ = task.build_net(
@@ -175,22 +191,30 @@ class _SoftMergeBase(BaseEstimator):
         )
         return self
 
-    def _fit_data(self, task, X, y, random_state, device) -> "_FitData":
+    def _fit_data(self, task, X, y, w, random_state, device) -> "_FitData":
         """The data as tensors on ``device``, and the task's train/held-out
-        split of them (no held-out part for ``validation_fraction=0``)."""
+        split of them (no held-out part for ``validation_fraction=0``), with
+        the samples' weights (``None`` without)."""
         if self.validation_fraction == 0:
-            X_train, y_train, held_out = X, y, None
+            X_train, y_train, w_train, held_out = X, y, w, None
         else:
             seed = random_state.randint(np.iinfo(np.int32).max)
-            X_train, X_val, y_train, y_val = task.split(
-                X, y, self.validation_fraction, seed
+            weights = () if w is None else (w,)
+            parts = task.split(X, y, self.validation_fraction, seed, *weights)
+            X_train, X_val, y_train, y_val, *w_parts = parts
+            w_train, w_val = w_parts or (None, None)
+            held_out = (
+                to_device(X_val, device),
+                torch.as_tensor(y_val, device=device),
+                _weights_on(device, w_val),
             )
-            held_out = (to_device(X_val, device), torch.as_tensor(y_val, device=device))
         X_train, y_train = (
             to_device(X_train, device),
             torch.as_tensor(y_train, device=device),
         )
-        return _FitData(X, y, X_train, y_train, held_out)
+        return _FitData(
+            X, y, w, X_train, y_train, _weights_on(device, w_train), held_out
+        )
 
     def _usable_members(self, nets) -> list[int]:
         """Positions in ``estimators`` of the members without NaN or inf: the
@@ -339,20 +363,41 @@ class _FitData(NamedTuple):
 
     X: np.ndarray
     y: np.ndarray
+    w: np.ndarray | None
     X_train: torch.Tensor
     y_train: torch.Tensor
-    held_out: tuple[torch.Tensor, torch.Tensor] | None
+    w_train: torch.Tensor | None
+    held_out: tuple | None
+
+
+def _weights_on(device, w) -> torch.Tensor | None:
+    """Weights of mean 1 (so that a weighted mean is ``mean(w * values)``), as
+    a float32 tensor on ``device``; ``None`` for ``None``."""
+    if w is None:
+        return None
+    return torch.as_tensor(w / w.mean(), dtype=torch.float32, device=device)
 
 
 def _evaluation(task, reference, data, generator):
     """``evaluate(forward)``: per-sample errors of a model on the held-out part
-    (on at most ``MAX_START_SAMPLES`` training samples without one)."""
-    X, y = data.held_out or (data.X_train, data.y_train)
+    (on at most ``MAX_START_SAMPLES`` training samples without one), times the
+    samples' weights of mean 1 when weighted."""
+    X, y, w = data.held_out or (data.X_train, data.y_train, data.w_train)
     if data.held_out is None and X.shape[0] > MAX_START_SAMPLES:
         # Training data: a subsample tells the rules apart well enough.
         keep = torch.randperm(X.shape[0], generator=generator, device=X.device)
-        X, y = X[keep[:MAX_START_SAMPLES]], y[keep[:MAX_START_SAMPLES]]
-    return partial(task.errors, X=X, y=y, predict=prediction_function(reference))
+        keep = keep[:MAX_START_SAMPLES]
+        X, y, w = X[keep], y[keep], None if w is None else w[keep] / w[keep].mean()
+    errors = partial(task.errors, X=X, y=y, predict=prediction_function(reference))
+    if w is None:
+        return errors
+    weights = w.cpu().numpy()
+
+    def weighted_errors(forward):
+        found = errors(forward)
+        return None if found is None else found * weights
+
+    return weighted_errors
 
 
 def _fixed_rules(task, merger, average, nets, rows, evaluate):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
+from scipy.sparse import issparse
 from skorch.helper import SliceDict
 
 EMBEDDINGS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
@@ -59,6 +60,20 @@ class InputDict(SliceDict):
         return torch.as_tensor(next(iter(self.values()))).device
 
 
+def is_dict(X) -> bool:
+    """Whether ``X`` is a dict of inputs (a scipy DOK matrix, a dict too, is not).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy.sparse import dok_array
+    >>> from sk_softmerge._inputs import is_dict
+    >>> is_dict({"ids": np.zeros(2)}), is_dict(dok_array((2, 2)))
+    (True, False)
+    """
+    return isinstance(X, Mapping) and not issparse(X)
+
+
 def to_device(X, device):
     """``X`` (an array, a tensor or an :class:`InputDict`) as tensors on ``device``.
 
@@ -84,7 +99,7 @@ def call(function: Callable, X, **kwargs):
     >>> call(lambda a, b: a - b, {"a": 3, "b": 1})
     2
     """
-    if isinstance(X, Mapping):
+    if is_dict(X):
         return function(**X, **kwargs)
     return function(X, **kwargs)
 
@@ -109,7 +124,7 @@ def check_one_input(X, what: str) -> None:
     ValueError: Alignment traces the members with one input array; X is a dict of \
 arrays (keys ['a']). Merge such members without align and repair.
     """
-    if isinstance(X, Mapping):
+    if is_dict(X):
         raise ValueError(
             f"{what} traces the members with one input array; X is a dict of "
             f"arrays (keys {list(X)}). Merge such members without align and repair."

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, _fit_context
 
+from ._base import weighted_samples
 from ._candidates import greedy_soup
 from ._evaluation import member_forward
 from ._inputs import call, to_device
@@ -32,7 +33,7 @@ class SoupBase(BaseEstimator):
         self.estimators = estimators
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Build the model, choosing among members on ``(X, y)`` where needed.
 
         Parameters
@@ -42,6 +43,9 @@ class SoupBase(BaseEstimator):
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Labels, each one of the members' classes, for classifiers;
             targets, one per output of the members, for regressors.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weight of every sample in the scores that choose among
+            members (weighted accuracy or R^2).
 
         Returns
         -------
@@ -49,6 +53,8 @@ class SoupBase(BaseEstimator):
             The fitted estimator.
         """
         nets, X, y, task = self._validate_fit_data(X, y)
+        X, y, weights = weighted_samples(X, y, sample_weight)
+        weights = None if weights is None else weights / weights.mean()
         # Members are scored in a copy, in eval mode: running a user's skorch net
         # would switch its module to eval mode.
         template = copy.deepcopy(nets[0].module_).eval()
@@ -60,7 +66,10 @@ class SoupBase(BaseEstimator):
         predict = prediction_function(nets[0])
 
         def score(forward):
-            return task.score(task.errors(forward, X, y, predict))
+            errors = task.errors(forward, X, y, predict)
+            if errors is not None and weights is not None:
+                errors = errors * weights
+            return task.score(errors)
 
         self._build(task, nets, template, score)
         return self

@@ -40,8 +40,9 @@ class Task(ABC):
     """
 
     @abstractmethod
-    def split(self, X, y, fraction: float, seed: int) -> list:
-        """``X_train, X_held_out, y_train, y_held_out``."""
+    def split(self, X, y, fraction: float, seed: int, *weights) -> list:
+        """``X_train, X_held_out, y_train, y_held_out`` (then the training and
+        held-out parts of each array of ``weights``)."""
 
     @abstractmethod
     def check_output(self, output: torch.Tensor, y) -> None:
@@ -63,7 +64,8 @@ class Task(ABC):
 
     @abstractmethod
     def score(self, errors: np.ndarray | None) -> float:
-        """The estimator's ``score`` that ``errors`` amount to."""
+        """The estimator's ``score`` that ``errors`` amount to (errors weighted
+        by samples' weights of mean 1 give the weighted score)."""
 
     @abstractmethod
     def build_net(self, reference: NeuralNet, state_dict: dict) -> NeuralNet:
@@ -82,14 +84,16 @@ class ClassificationTask(Task):
 
     classes: np.ndarray
 
-    def split(self, X, y, fraction, seed):
+    def split(self, X, y, fraction, seed, *weights):
         """Stratified split (plain when a class is too rare to stratify)."""
         try:
             return train_test_split(
-                X, y, test_size=fraction, stratify=y, random_state=seed
+                X, y, *weights, test_size=fraction, stratify=y, random_state=seed
             )
         except ValueError:
-            return train_test_split(X, y, test_size=fraction, random_state=seed)
+            return train_test_split(
+                X, y, *weights, test_size=fraction, random_state=seed
+            )
 
     def check_output(self, output, y):
         """Nothing to check: labels were checked against ``classes``."""
@@ -104,7 +108,7 @@ class ClassificationTask(Task):
 
     def score(self, errors):
         """Accuracy; -1 for a model that does not predict."""
-        return -1.0 if errors is None else float((~errors).mean())
+        return -1.0 if errors is None else float(1 - errors.mean())
 
     def build_net(self, reference, state_dict):
         return build_merged_net(reference, state_dict, self.classes)
@@ -122,8 +126,8 @@ class RegressionTask(Task):
 
     n_outputs: int
 
-    def split(self, X, y, fraction, seed):
-        return train_test_split(X, y, test_size=fraction, random_state=seed)
+    def split(self, X, y, fraction, seed, *weights):
+        return train_test_split(X, y, *weights, test_size=fraction, random_state=seed)
 
     def check_output(self, output, y):
         n_values = output[0].numel()

@@ -45,8 +45,9 @@ def learn_gates(
     lr: float = 5e-2,
     batch_size: int = 128,
     generator: torch.Generator | None = None,
-    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    validation: tuple | None = None,
     n_iter_no_change: int | None = None,
+    sample_weight: torch.Tensor | None = None,
     verbose: int = 0,
 ) -> GateTraining:
     """Train the merger's log-alphas; nothing else changes.
@@ -87,10 +88,15 @@ def learn_gates(
     generator : torch.Generator, default=None
         Source of shuffling and gate noise, on the merger's device.
     validation : tuple of torch.Tensor, default=None
-        Held-out ``(X, y)`` on the merger's device, to keep the best epoch.
+        Held-out ``(X, y)`` or ``(X, y, sample_weight)`` on the merger's device,
+        to keep the best epoch.
     n_iter_no_change : int, default=None
         With ``validation``, stop after this many epochs without a new lowest
         validation loss; ``None`` runs every epoch.
+    sample_weight : torch.Tensor of shape (n_samples,), default=None
+        Weight of every sample of ``X`` in the task loss, which is then the
+        mean over a batch of each sample's loss times its weight (weights of
+        mean 1 keep the loss's scale); ``None`` weighs samples equally.
     verbose : int, default=0
         Above zero, a progress bar shows epoch, loss and open gates.
 
@@ -113,6 +119,8 @@ def learn_gates(
     """
     log_alpha = merger.log_alpha
     optimizer = Adam(log_alpha, lr)
+    if validation is not None and len(validation) == 2:
+        validation = (*validation, None)
     n_samples = X.shape[0]
     n_batches = math.ceil(n_samples / batch_size)
     batch_sizes = torch.full((n_batches,), float(batch_size), device=X.device)
@@ -138,11 +146,17 @@ def learn_gates(
             dtype=log_alpha.dtype,
         )
         losses, penalties = [], []
-        batches = zip(
-            X[order].split(batch_size), y[order].split(batch_size), strict=True
+        weights = (
+            [None] * n_batches
+            if sample_weight is None
+            else sample_weight[order].split(batch_size)
         )
-        for step, (X_batch, y_batch) in enumerate(batches):
-            loss = loss_fn(call(merger, X_batch, gate_noise=noise[step]), y_batch)
+        batches = zip(
+            X[order].split(batch_size), y[order].split(batch_size), weights, strict=True
+        )
+        for step, (X_batch, y_batch, w_batch) in enumerate(batches):
+            output = call(merger, X_batch, gate_noise=noise[step])
+            loss = _task_loss(loss_fn, output, y_batch, w_batch)
             # autograd.grad spares zero_grad and the accumulation into .grad.
             (grad,) = torch.autograd.grad(loss, log_alpha)
             # A sampled merge that overflows (a malicious member's gate drawn
@@ -191,8 +205,9 @@ def learn_gates(
 
 
 @torch.no_grad()
-def _significantly_better(merger, loss_fn, X, y, log_alpha, start_log_alpha):
-    """Whether gates ``log_alpha`` beat the start significantly on ``(X, y)``.
+def _significantly_better(merger, loss_fn, X, y, w, log_alpha, start_log_alpha):
+    """Whether gates ``log_alpha`` beat the start significantly on ``(X, y)``
+    (samples weighted by ``w``, when not ``None``).
 
     The one-sided paired test of :func:`~sk_softmerge._evaluation.choose_lowest_loss`
     on per-sample task losses: a validation loss lower by less than the noise
@@ -201,22 +216,32 @@ def _significantly_better(merger, loss_fn, X, y, log_alpha, start_log_alpha):
     losses = {}
     for name, value in (("start", start_log_alpha), ("trained", log_alpha)):
         losses[name] = _per_sample_task_losses(
-            merger, loss_fn, X, y, gates=deterministic_z(value)
+            merger, loss_fn, X, y, w, gates=deterministic_z(value)
         )
     return choose_lowest_loss(losses, "start") == "trained"
 
 
 @torch.no_grad()
-def _per_sample_task_losses(merger, loss_fn, X, y, gates, batch_size=1024):
-    """Task loss of every sample (``loss_fn`` on a batch of one, vectorised);
-    ``None`` when some loss is not finite."""
+def _per_sample_task_losses(merger, loss_fn, X, y, w, gates, batch_size=1024):
+    """Task loss of every sample (``loss_fn`` on a batch of one, vectorised),
+    times its weight ``w`` (when not ``None``); ``None`` when some loss is not
+    finite."""
     losses = torch.cat(
         [
             _losses_of_batch(loss_fn, call(merger, X[batch], gates=gates), y[batch])
             for batch in torch.arange(X.shape[0], device=X.device).split(batch_size)
         ]
     )
+    if w is not None:
+        losses = losses * w
     return losses.cpu().numpy() if torch.isfinite(losses).all() else None
+
+
+def _task_loss(loss_fn, output, y, w):
+    """The mean task loss of a batch, each sample's loss weighted by ``w``."""
+    if w is None:
+        return loss_fn(output, y)
+    return (_losses_of_batch(loss_fn, output, y) * w).mean()
 
 
 def _losses_of_batch(loss_fn, output, y):
@@ -231,13 +256,16 @@ def _losses_of_batch(loss_fn, output, y):
 
 
 @torch.no_grad()
-def _mean_task_loss(merger, loss_fn, X, y, gates=None, batch_size=1024):
-    """Mean task loss of a merge, deterministic by default; inf when not finite."""
+def _mean_task_loss(merger, loss_fn, X, y, w=None, gates=None, batch_size=1024):
+    """Mean task loss of a merge, deterministic by default, samples weighted by
+    ``w`` (of mean 1) when given; inf when not finite."""
     if gates is None:
         gates = merger.gates()
     total = torch.zeros((), device=X.device)
     for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):
-        total += loss_fn(call(merger, X[batch], gates=gates), y[batch]) * batch.shape[0]
+        output = call(merger, X[batch], gates=gates)
+        weights = None if w is None else w[batch]
+        total += _task_loss(loss_fn, output, y[batch], weights) * batch.shape[0]
     loss = total.item() / X.shape[0]
     return loss if math.isfinite(loss) else math.inf
 

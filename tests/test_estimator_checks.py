@@ -65,6 +65,15 @@ EXPECTED_FAILED = {
         "the merge predicts among the members' classes, not only the one label "
         "present in y"
     ),
+    "check_classifiers_one_label_sample_weights": (
+        "the merge predicts among the members' classes, not only the one label "
+        "left by the weights"
+    ),
+    "check_sample_weights_pandas_series": WIDTH,
+    "check_sample_weights_not_an_array": WIDTH,
+    "check_sample_weights_shape": WIDTH,
+    "check_sample_weights_not_overwritten": WIDTH,
+    "check_sample_weight_equivalence_on_dense_data": WIDTH,
 }
 EXPECTED_FAILED_REGRESSOR = {
     "check_estimators_overwrite_params": WIDTH,
@@ -85,6 +94,11 @@ EXPECTED_FAILED_REGRESSOR = {
     "check_fit_idempotent": WIDTH,
     "check_fit_check_is_fitted": WIDTH,
     "check_n_features_in": WIDTH,
+    "check_sample_weights_pandas_series": WIDTH,
+    "check_sample_weights_not_an_array": WIDTH,
+    "check_sample_weights_shape": WIDTH,
+    "check_sample_weights_not_overwritten": WIDTH,
+    "check_sample_weight_equivalence_on_dense_data": WIDTH,
 }
 
 

@@ -192,6 +192,6 @@ def test_per_sample_task_losses_of_a_criterion_vmap_cannot_trace():
     merger = SoftMerge([_linear(1.0), _linear(0.5)])
     X = torch.linspace(-1, 1, 7).unsqueeze(1)
     y = torch.zeros(7, 1)
-    losses = _per_sample_task_losses(merger, loss, X, y, gates=merger.gates())
+    losses = _per_sample_task_losses(merger, loss, X, y, None, gates=merger.gates())
     expected = 2.0 * (0.75 * X.squeeze(1)) ** 2
     np.testing.assert_allclose(losses, expected.numpy(), rtol=1e-6)
