@@ -10,6 +10,7 @@ for everything else that differs between tasks.
 import numpy as np
 import torch
 from sklearn.base import ClassifierMixin, RegressorMixin, clone
+from sklearn.utils import Bunch
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
     check_consistent_length,
@@ -18,7 +19,7 @@ from sklearn.utils.validation import (
 )
 
 from ._inputs import InputDict, cast, check_dict, is_dict, takes_integers
-from ._members import check_members
+from ._members import check_members, split_names
 from ._nets import module_dtype
 from ._tasks import ClassificationTask, RegressionTask
 
@@ -54,6 +55,8 @@ class _MemberMixin:
         embedding.
         """
         nets = check_members(self.estimators, self._task_name)
+        members, names = split_names(self.estimators)
+        self.named_estimators_ = Bunch(**dict(zip(names, members, strict=True)))
         self._input_dtype = numpy_dtype(module_dtype(nets[0].module_))
         self._integer_inputs = takes_integers(nets[0].module_)
         if is_dict(X):

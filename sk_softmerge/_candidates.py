@@ -94,6 +94,7 @@ def fixed_rules(
     members: Sequence[int],
     member_scores: Sequence[float],
     soup_score: Callable[[torch.Tensor], float],
+    names: Sequence[str] | None = None,
 ) -> list[Candidate]:
     """The uniform average, every member alone and the greedy soup.
 
@@ -108,6 +109,9 @@ def fixed_rules(
         Score of every member alone, in the order of the rows.
     soup_score : callable
         ``soup_score(gates)``: score of the merge with the given gates.
+    names : sequence of str, default=None
+        Name of every estimator (indexed by position in ``estimators``);
+        ``None`` names them ``"member i"``.
 
     Returns
     -------
@@ -132,7 +136,8 @@ def fixed_rules(
     for row, member in enumerate(members):
         alone = torch.zeros_like(average)
         alone[row] = 1.0
-        candidates.append(Candidate(f"member {member}", alone, member=member))
+        name = f"member {member}" if names is None else names[member]
+        candidates.append(Candidate(name, alone, member=member))
 
     def ingredients_gates(ingredients):
         mask = torch.zeros_like(average[:, :1])

@@ -153,7 +153,10 @@ class _SoftMergeBase(BaseEstimator):
             int(random_state.randint(np.iinfo(np.int32).max))
         )
         evaluate = _evaluation(task, nets[reference], data, generator)
-        candidates, errors = _fixed_rules(task, merger, average, nets, rows, evaluate)
+        names = list(self.named_estimators_)
+        candidates, errors = _fixed_rules(
+            task, merger, average, nets, rows, evaluate, names
+        )
         start = choose_start(candidates, errors)
         learn = partial(
             learn_gates,
@@ -227,9 +230,10 @@ class _SoftMergeBase(BaseEstimator):
                 "nothing to merge."
             )
         if self.excluded_estimators_:
+            names = [list(self.named_estimators_)[i] for i in self.excluded_estimators_]
             warnings.warn(
                 f"estimators {self.excluded_estimators_} hold non-finite weights "
-                "(NaN or inf) and are excluded from the merge.",
+                f"(NaN or inf) and are excluded from the merge: {names}.",
                 UserWarning,
                 stacklevel=4,
             )
@@ -400,7 +404,7 @@ def _evaluation(task, reference, data, generator):
     return weighted_errors
 
 
-def _fixed_rules(task, merger, average, nets, rows, evaluate):
+def _fixed_rules(task, merger, average, nets, rows, evaluate, names):
     """The candidates of :func:`fixed_rules` and their per-sample errors."""
     # Members are evaluated as they predict: with their own batch-norm
     # statistics.
@@ -416,9 +420,13 @@ def _fixed_rules(task, merger, average, nets, rows, evaluate):
 
     member_scores = [task.score(errors) for errors in member_errors]
     candidates = fixed_rules(
-        average, rows, member_scores, lambda gates: task.score(soup_errors(gates))
+        average,
+        rows,
+        member_scores,
+        lambda gates: task.score(soup_errors(gates)),
+        names,
     )
-    errors = dict(zip((f"member {i}" for i in rows), member_errors, strict=True))
+    errors = dict(zip((names[i] for i in rows), member_errors, strict=True))
     for candidate in candidates:
         if candidate.member is None:
             errors[candidate.name] = soup_errors(candidate.gates)

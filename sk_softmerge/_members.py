@@ -86,6 +86,71 @@ def unwrap_member(member, index: int, task: str = "classification") -> NeuralNet
     return net
 
 
+RESERVED_NAMES = ("uniform average", "greedy soup", "soft merge")
+"""Names of the candidates that are not one member: no member may take them."""
+
+
+def split_names(estimators) -> tuple[list, list[str]]:
+    """The members and their names, from a list of members or of pairs.
+
+    ``estimators`` is a list of members, named ``"member 0"``, ``"member 1"``,
+    ..., or a list of ``(name, member)`` pairs, as ``VotingClassifier`` takes.
+
+    Parameters
+    ----------
+    estimators : sequence
+        Members, or ``(name, member)`` pairs.
+
+    Returns
+    -------
+    members : list
+        The members, in order.
+    names : list of str
+        Their names.
+
+    Raises
+    ------
+    TypeError
+        If pairs and members are mixed, or a name is not a string.
+    ValueError
+        If two names are equal or a name is that of a candidate that is not a
+        member (``"uniform average"``, ``"greedy soup"``, ``"soft merge"``).
+
+    Examples
+    --------
+    >>> from sk_softmerge._members import split_names
+    >>> split_names([("small", "net a"), ("large", "net b")])
+    (['net a', 'net b'], ['small', 'large'])
+    >>> split_names(["net a", "net b"])
+    (['net a', 'net b'], ['member 0', 'member 1'])
+    """
+    estimators = list(estimators)
+    pairs = [
+        isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)
+        for item in estimators
+    ]
+    if not any(pairs):
+        return estimators, [f"member {i}" for i in range(len(estimators))]
+    if not all(pairs):
+        position = pairs.index(False)
+        raise TypeError(
+            "estimators must be a list of fitted nets or a list of (name, net) "
+            f"pairs; estimators[{position}] is a {type(estimators[position]).__name__} "
+            "among pairs."
+        )
+    names = [name for name, _ in estimators]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"Names of estimators must be unique; {repeated} repeat.")
+    reserved = [name for name in names if name in RESERVED_NAMES]
+    if reserved:
+        raise ValueError(
+            f"Names {reserved} name candidates that are not one member; choose "
+            "other names for the estimators."
+        )
+    return [member for _, member in estimators], names
+
+
 def check_members(estimators, task: str = "classification") -> list[NeuralNet]:
     """Unwrap the members and check that they can be merged.
 
@@ -95,9 +160,9 @@ def check_members(estimators, task: str = "classification") -> list[NeuralNet]:
 
     Parameters
     ----------
-    estimators : sequence of skorch nets
+    estimators : sequence of skorch nets or of (str, skorch net) pairs
         The members, each a fitted skorch net or one wrapped in
-        ``FrozenEstimator``.
+        ``FrozenEstimator``, named or not (see :func:`split_names`).
     task : {"classification", "regression"}, default="classification"
         The task the members must be skorch nets for.
 
@@ -133,7 +198,8 @@ def check_members(estimators, task: str = "classification") -> list[NeuralNet]:
             "estimators must hold at least 2 fitted nets to merge; got "
             f"{len(estimators)}."
         )
-    nets = [unwrap_member(member, i, task) for i, member in enumerate(estimators)]
+    members, _ = split_names(estimators)
+    nets = [unwrap_member(member, i, task) for i, member in enumerate(members)]
     first = nets[0]
     for i, net in enumerate(nets[1:], start=1):
         if type(net) is not type(first):

@@ -62,7 +62,9 @@ def plot_gates(estimator, ax=None):
     ax.set_xticks(
         range(n_units), estimator.unit_names_, rotation=90 * (n_units > 8 or crowded)
     )
-    ax.set_yticks(range(n_members), [f"member {k}" for k in range(n_members)])
+    names = getattr(estimator, "named_estimators_", None)
+    labels = list(names) if names else [f"member {k}" for k in range(n_members)]
+    ax.set_yticks(range(n_members), labels)
     ax.set_xlabel("merge unit")
     if n_units * n_members <= 200:
         for (k, u), value in np.ndenumerate(gates):

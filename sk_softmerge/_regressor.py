@@ -18,11 +18,15 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
 
     Parameters
     ----------
-    estimators : list of skorch nets
+    estimators : list of skorch nets, or of (str, skorch net) pairs
         At least two fitted skorch ``NeuralNetRegressor`` nets of one
         architecture, or such nets wrapped in
         :class:`~sklearn.frozen.FrozenEstimator`. They are never moved,
-        modified or re-fitted; ``clone`` keeps them fitted.
+        modified or re-fitted; ``clone`` keeps them fitted. Named as
+        ``VotingClassifier`` takes them, by ``(name, net)`` pairs, a member
+        goes by its name in ``validation_scores_``, ``start_``, ``selected_``,
+        warnings and :func:`~sk_softmerge.plot_gates`; otherwise by
+        ``"member i"``.
     l0_weight : float, default=0.0
         Weight of the mean expected L0 norm of the gates in the objective.
         Larger values close more gates, so that fewer members carry each unit;
@@ -109,7 +113,7 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         ``(n_samples, n_outputs)``, as skorch regressors do).
     validation_scores_ : dict of str to float or None
         Validation R^2 of ``"soft merge"`` (the gates checked there),
-        ``"uniform average"``, every ``"member i"`` that was not excluded and
+        ``"uniform average"``, every member (``"member i"`` or its name) that was not excluded and
         ``"greedy soup"`` (when it is neither one member nor the average);
         ``-inf`` for a candidate whose predictions are not finite; ``None``
         when ``validation_fraction=0``.
@@ -117,6 +121,8 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         Which candidate ``merged_net_`` holds: ``"soft merge"`` (the learned
         gates, or their start when no epoch beat it) unless ``fit`` fell back
         to a fixed rule.
+    named_estimators_ : Bunch
+        The members by name (``"member i"`` for members given without one).
     excluded_estimators_ : list of int
         Members left out because they hold NaN or inf.
     repaired_layers_ : list of str
@@ -132,7 +138,7 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         every epoch; empty when ``validation_fraction=0``.
     start_ : str
         The fixed rule gate learning started from: ``"uniform average"`` (of
-        the members not screened), ``"greedy soup"`` or ``"member i"`` alone
+        the members not screened), ``"greedy soup"`` or a member alone (``"member i"`` or its name)
         (see :class:`SoftMergeClassifier`).
     best_epoch_ : int
         Epoch whose gates were kept: the one with the lowest validation loss

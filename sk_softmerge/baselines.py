@@ -48,7 +48,7 @@ class BestMemberClassifier(MemberClassifierMixin, BestMember):
 
     Parameters
     ----------
-    estimators : list of skorch nets
+    estimators : list of skorch nets, or of (str, skorch net) pairs
         Fitted skorch classifiers (or ``FrozenEstimator`` of them), with one set
         of classes.
 
@@ -87,7 +87,7 @@ class UniformSoupClassifier(MemberClassifierMixin, UniformSoup):
 
     Parameters
     ----------
-    estimators : list of skorch nets
+    estimators : list of skorch nets, or of (str, skorch net) pairs
         Fitted skorch classifiers (or ``FrozenEstimator`` of them) of one
         architecture and one set of classes.
 
@@ -124,7 +124,7 @@ class GreedySoupClassifier(MemberClassifierMixin, GreedySoup):
 
     Parameters
     ----------
-    estimators : list of skorch nets
+    estimators : list of skorch nets, or of (str, skorch net) pairs
         Fitted skorch classifiers (or ``FrozenEstimator`` of them) of one
         architecture and one set of classes.
 
@@ -162,7 +162,7 @@ class OutputEnsembleClassifier(MemberClassifierMixin, OutputEnsemble):
 
     Parameters
     ----------
-    estimators : list of skorch nets
+    estimators : list of skorch nets, or of (str, skorch net) pairs
         Fitted skorch classifiers (or ``FrozenEstimator`` of them) with one set
         of classes.
 
@@ -209,7 +209,7 @@ class BestMemberRegressor(MemberRegressorMixin, BestMember):
 
     Parameters
     ----------
-    estimators : list of skorch nets
+    estimators : list of skorch nets, or of (str, skorch net) pairs
         Fitted skorch regressors (or ``FrozenEstimator`` of them).
 
     Attributes
@@ -247,7 +247,7 @@ class UniformSoupRegressor(MemberRegressorMixin, UniformSoup):
 
     Parameters
     ----------
-    estimators : list of skorch nets
+    estimators : list of skorch nets, or of (str, skorch net) pairs
         Fitted skorch regressors (or ``FrozenEstimator`` of them) of one
         architecture.
 
@@ -284,7 +284,7 @@ class GreedySoupRegressor(MemberRegressorMixin, GreedySoup):
 
     Parameters
     ----------
-    estimators : list of skorch nets
+    estimators : list of skorch nets, or of (str, skorch net) pairs
         Fitted skorch regressors (or ``FrozenEstimator`` of them) of one
         architecture.
 
@@ -322,7 +322,7 @@ class OutputEnsembleRegressor(MemberRegressorMixin, OutputEnsemble):
 
     Parameters
     ----------
-    estimators : list of skorch nets
+    estimators : list of skorch nets, or of (str, skorch net) pairs
         Fitted skorch regressors (or ``FrozenEstimator`` of them).
 
     Attributes
