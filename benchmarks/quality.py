@@ -8,6 +8,8 @@ Run from the project root::
     python benchmarks/quality.py --independent --seeds 1 --json i1.json  # likewise
     python benchmarks/quality.py --seeds 1 --json s1.json   # seeds in parallel,
     python benchmarks/quality.py --summarise s0.json s1.json  # then one table
+    python benchmarks/quality.py --scenarios k --seeds 0 --json k0.json  # (k) only
+    python benchmarks/quality.py --summarise k0.json k1.json  # its section only
 
 Scenarios (5 members each, forked from one short shared training, each member
 trained further on its own bootstrap sample of the training data):
@@ -24,8 +26,12 @@ trained further on its own bootstrap sample of the training data):
     h  MNIST-1D 1-D CNN, three stride-2 Conv1d + ReLU blocks, no batch norm
     i  scikit-learn diabetes MLP regressor (SoftMergeRegressor)
     j  Friedman #1 MLP regressor (SoftMergeRegressor)
+    k  token sequences (``motif_sequences``: 5 classes, 20 tokens of a
+       vocabulary of 50, the class is the motif bigram seen most often), a
+       2-layer transformer encoder on token and position embeddings, mean
+       over positions, linear head (``TokenTransformer``); int64 token ids
 
-In (f), (g) and (h) the members (the shared training included) see 70% of
+In (f), (g), (h) and (k) the members (the shared training included) see 70% of
 the training data, stratified, and every merge is fit on all of it, so that the
 gates and the held-out fifth see samples the members did not. Every method
 sees the same training data. The baselines that choose (best
@@ -33,8 +39,11 @@ member, greedy soup) choose on a 20% of it (stratified for classification), the
 share SoftMerge keeps for validation by default; accuracies (R^2 for the
 regression scenarios) are on the untouched test set. Results go to
 ``benchmarks/RESULTS.md`` (classification between the quality markers,
-regression between the regression markers) and ``benchmarks/quality.json``
-(``benchmarks/regression.json``).
+regression between the regression markers, (k) between the token markers, with
+its per-seed values) and ``benchmarks/quality.json``
+(``benchmarks/regression.json``). A run, or a ``--summarise``, rewrites only the
+sections of the scenarios it holds: one of (k) alone leaves the quality section
+and ``quality.json`` as they are.
 
 With ``--independent``, the scenarios of ``_independent.py`` run instead: five
 members per seed, each from its own random initialisation, for four
@@ -45,6 +54,10 @@ markers).
 
 import argparse
 import json
+import os
+import re
+import shlex
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -61,6 +74,7 @@ from _independent import (
 )
 from _members import (
     CNN1d,
+    TokenTransformer,
     corrupt,
     diabetes,
     digits,
@@ -69,6 +83,7 @@ from _members import (
     friedman1,
     mlp,
     mnist1d,
+    motif_sequences,
     noisy_labels,
 )
 from sklearn.model_selection import GridSearchCV, train_test_split
@@ -97,8 +112,13 @@ SCENARIOS = {
     "h": "MNIST-1D CNN, stride 2, 70% data",
     "i": "diabetes MLP regressor",
     "j": "Friedman #1 MLP regressor",
+    "k": "token motifs, 2-layer transformer",
 }
 REGRESSION = "ij"
+TOKENS = "k"
+"""Scenarios of token sequences, written to their own section of RESULTS.md."""
+TOKEN_EPOCHS = (10, 20)
+"""Shared and per-member training epochs of (k) (Adam, learning rate 3e-3)."""
 REGRESSION_EPOCHS = {"i": (10, 10), "j": (10, 20)}
 """Shared and per-member training epochs of the regression scenarios."""
 FIXED_RULES = ["best member", "uniform soup", "greedy soup"]
@@ -134,8 +154,13 @@ def members_for(scenario, seed, cache):
             regression=True,
         )
         return (*data, members)
+    if scenario in TOKENS:
+        data = motif_sequences(seed)
+        return (*data, members_on_70_percent(scenario, seed, data[0], data[2]))
     if scenario in "fgh":
-        return (*mnist1d(), members_on_70_percent(scenario, seed))
+        X_train, X_test, y_train, y_test = mnist1d()
+        members = members_on_70_percent(scenario, seed, X_train, y_train)
+        return X_train, X_test, y_train, y_test, members
     if scenario in "abce":
         X_train, X_test, y_train, y_test = mnist1d()
     else:
@@ -162,14 +187,25 @@ def members_for(scenario, seed, cache):
     return X_train, X_test, y_train, y_test, members
 
 
-def members_on_70_percent(scenario, seed):
-    """Members of (f), (g) or (h), trained on a stratified 70% of MNIST-1D's
-    training data."""
-    X_train, _, y_train, _ = mnist1d()
+def members_on_70_percent(scenario, seed, X_train, y_train):
+    """Members of (f), (g), (h) or (k), trained on a stratified 70% of the
+    training data (MNIST-1D's; the motif sequences' for (k))."""
     X, _, y, _ = train_test_split(
         X_train, y_train, test_size=0.3, stratify=y_train, random_state=seed
     )
     torch.manual_seed(seed)
+    if scenario in TOKENS:
+        # A trial with 40 member epochs (seed 0, a draft of the data with more
+        # label noise) gave no better members.
+        return forked_members(
+            TokenTransformer(n_classes=int(y.max()) + 1),
+            X,
+            y,
+            seed=seed,
+            shared_epochs=TOKEN_EPOCHS[0],
+            member_epochs=TOKEN_EPOCHS[1],
+            lr=3e-3,
+        )
     if scenario == "h":
         # A short shared training and long member trainings: members that
         # differ, whose output ensemble beats every weight average.
@@ -218,7 +254,7 @@ def run_scenario(scenario, seed, cache):
     row["selected"] = merge.selected_
     row["start, best epoch"] = f"{merge.start_}, {merge.best_epoch_}"
     row["closed gates of member 2"] = bool((merge.gates_[2] == 0).all())
-    if regression:
+    if regression or scenario in TOKENS:
         row["members"] = [float(m.score(X_test, y_test)) for m in members]
 
     layer = SoftMerge(members, granularity="layer", random_state=seed)
@@ -292,13 +328,18 @@ def edge_and_captured(rows):
     return edge, f"{edge / room:+.0%}" if room > 0 else "-"
 
 
-def write_section(section, start, end):
+def write_section(section, start, end, after=None):
     """Put ``section`` (markers included) in RESULTS.md in place of the part
-    from ``start`` to ``end``, or append it when there is none."""
+    from ``start`` to ``end``; when there is none, insert it after the line
+    ``after`` (where given and present), else append it."""
     path = HERE / "RESULTS.md"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     if start not in text:
-        text += f"\n{start}\n{end}\n"
+        if after and after in text:
+            head, tail = text.split(after, 1)
+            text = f"{head}{after}\n\n{start}\n{end}{tail}"
+        else:
+            text += f"\n{start}\n{end}\n"
     before, rest = text.split(start)
     _, after = rest.split(end)
     path.write_text(before + section + after)
@@ -570,18 +611,17 @@ def main():
             seeds += part["seeds"]
             for scenario, rows in part["results"].items():
                 results.setdefault(scenario, []).extend(rows)
-        command = (
-            "OMP_NUM_THREADS=1 python benchmarks/quality.py --seeds N --json qN.json` "
-            "for each seed N, in parallel, then `python benchmarks/quality.py "
-            "--summarise " + " ".join(args.summarise)
-        )
+        command = summarise_command(args.summarise, list(results))
         write_all(results, sorted(seeds), args.member_epochs, command)
         return
     cache, results = {}, {s: [] for s in args.scenarios}
     for seed in args.seeds:
         for scenario in args.scenarios:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             row = run_scenario(scenario, seed, cache)
+            row["seed"] = seed
+            row["scenario seconds"] = time.perf_counter() - start
+            row["scenario CPU seconds"] = time.process_time() - cpu
             results[scenario].append(row)
             print(
                 f"seed {seed} ({scenario}) {time.perf_counter() - start:.0f} s: "
@@ -596,18 +636,146 @@ def main():
     write_all(results, args.seeds, args.member_epochs)
 
 
+def summarise_command(paths, scenarios):
+    """The commands behind a ``--summarise`` of ``paths``: one run per seed,
+    then this one (as invoked)."""
+    script = sys.argv[0]
+    # Run from benchmarks/ (the JSON files there), or from the project root.
+    where = "cd benchmarks && " if Path(script).parent == Path() else ""
+    names = {re.sub(r"\d+(?=\.json$)", "N", Path(path).name) for path in paths}
+    name = names.pop() if len(names) == 1 else "FILE.json"
+    chosen = (
+        ""
+        if set(scenarios) == set(SCENARIOS)
+        else " --scenarios " + " ".join(sorted(scenarios))
+    )
+    return (
+        f"{where}OMP_NUM_THREADS=1 python {script}{chosen} --seeds N --json "
+        f"{name}` for each seed N, in parallel, then `python {script} --summarise "
+        + " ".join(paths)
+    )
+
+
 def write_all(results, seeds, member_epochs=None, command=None):
-    """Print and write the classification and the regression tables."""
-    classification = {k: v for k, v in results.items() if k not in REGRESSION}
+    """Print and write the tables of the scenarios in ``results``: the quality
+    section (a-h), the token section (k), the regression section (i, j); a
+    section whose scenarios did not run is left as it is."""
+    classification = {k: v for k, v in results.items() if k not in REGRESSION + TOKENS}
+    tokens = {k: v for k, v in results.items() if k in TOKENS}
     regression = {k: v for k, v in results.items() if k in REGRESSION}
     if classification:
         table = summarise(classification)
         print(table)
         write_results(table, classification, seeds, command)
+    if tokens:
+        table = summarise(tokens)
+        print(table)
+        write_tokens(table, tokens, seeds, command)
     if regression:
         table = summarise(regression, percent=False)
         print(table)
         write_regression(table, regression, seeds, member_epochs, command)
+
+
+def write_tokens(table, results, seeds, command=None):
+    """The token section: (k)'s table, its data and members, every seed."""
+    start, end = "<!-- token:start -->", "<!-- token:end -->"
+    rows = [r for rows in results.values() for r in rows]
+    fallbacks = sum(r["selected"] != "soft merge" for r in rows)
+    learned = sum(not r["start, best epoch"].endswith(", 0") for r in rows)
+    if command is None:
+        threads = os.environ.get("OMP_NUM_THREADS")
+        command = ("OMP_NUM_THREADS=" + threads + " " if threads else "") + (
+            "python " + shlex.join(sys.argv)
+        )
+    columns = [
+        "best member",
+        "uniform soup",
+        "greedy soup",
+        "output ensemble",
+        "SoftMerge",
+        "SoftMerge layer",
+    ]
+    per_seed = [
+        "| scenario | seed | members | "
+        + " | ".join(columns)
+        + " | start, epoch kept, selected | fit s | scenario s (CPU s) |",
+        "| --- |" + " --- |" * (len(columns) + 5),
+    ]
+    edges, gains = [], []
+    for scenario, scenario_rows in results.items():
+        for row in scenario_rows:
+            members = " / ".join(f"{100 * m:.1f}" for m in row["members"])
+            scores = " | ".join(f"{100 * row[c]:.1f}" for c in columns)
+            seconds = row.get("scenario seconds")
+            timing = (
+                f"{seconds:.0f} ({row['scenario CPU seconds']:.0f})"
+                if seconds is not None
+                else "-"
+            )
+            edges.append(100 * (row["SoftMerge"] - row["best fixed rule"]))
+            gains.append(100 * (row["output ensemble"] - row["best fixed rule"]))
+            per_seed.append(
+                f"| ({scenario}) | {row['seed']} | {members} | {scores} | "
+                f"{row['start, best epoch']}, {row['selected']} | "
+                f"{row['fit seconds']:.1f} | {timing} |"
+            )
+    per_seed = "\n".join(per_seed)
+    section = f"""{start}
+## Token sequences, transformer members
+
+`{command}` (2 CPU cores,
+torch {torch.__version__}). Test accuracy in %, mean ± standard deviation over
+{len(seeds)} seeds; 5 members.
+
+Data (`motif_sequences(seed)` in `benchmarks/_members.py`, generated with NumPy
+from the seed, nothing downloaded): 3,000 training and 1,000 test sequences of
+20 token ids from a vocabulary of 50, 5 classes. Class c owns two motif
+bigrams; among uniform filler tokens, a sequence holds k (1-3) bigrams of its
+class, k - 1 of a second class, 0 to k of a third class in reverse order (the
+same tokens, which do not count) and 0-2 single motif tokens. The label is the
+class whose bigrams occur most often, replaced by a random class with
+probability 0.05 (so about 96% is the best any model can expect).
+
+Members (`TokenTransformer` in `benchmarks/_members.py`): token and learned
+position embeddings (32 dimensions; without positions the encoder could not see
+which token follows which), an `nn.TransformerEncoder` of two post-norm
+`nn.TransformerEncoderLayer`s (4 heads, feed-forward 64, dropout 0,
+`batch_first=True`, `enable_nested_tensor=False`), the mean over positions and a
+linear head; skorch `NeuralNetClassifier`s fed int64 NumPy arrays of shape
+(n, 20). Forked from {TOKEN_EPOCHS[0]} epochs of shared training (Adam, learning
+rate 3e-3, batch 64), each member then trained {TOKEN_EPOCHS[1]} epochs on its
+own bootstrap sample. As in (f)-(h), the members (the shared training included)
+see a stratified 70% of the training data and every merge is fit on all of it.
+
+Columns as in the quality section: the fixed rules choose on a stratified 20%
+of the training data, "best fixed rule" is the best of the three on the test
+set in each seed, "SoftMerge" is `SoftMergeClassifier(members,
+random_state=seed)` with every other parameter at its default, "layer" is
+`granularity="layer"`; no `l0_weight` tuning or sweep for (k). The learned gates
+were kept in {learned} of {len(rows)} default fits; the final check fell back to
+a fixed rule in {fallbacks}.
+
+{table}
+
+Per seed: every member's test accuracy, the merges', the rule the gates started
+from, the epoch kept and what was selected, the default fit's time and the
+whole scenario's (members' training, every merge and baseline) in seconds,
+wall clock (CPU time of the process). The seeds ran in parallel, three
+processes on 2 cores shared with other jobs, so that the wall clock overstates
+the time on a free core, the CPU time less so.
+
+{per_seed}
+
+SoftMerge minus the best fixed rule, per seed: {signed(edges)} points; the
+output ensemble minus the best fixed rule: {signed(gains)}.
+{end}"""
+    write_section(section, start, end, after="<!-- quality:end -->")
+
+
+def signed(values):
+    """``values`` with signs and one decimal, separated by commas."""
+    return ", ".join(f"{value:+.1f}" for value in values)
 
 
 def write_regression(table, results, seeds, member_epochs, command=None):

@@ -109,8 +109,9 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         weights; it can be used on its own.
     validation_scores_ : dict of str to float or None
         Validation accuracy of ``"soft merge"`` (the gates checked there),
-        ``"uniform average"``, every member (``"member i"`` or its name) that was not excluded and
-        ``"greedy soup"`` (when it is neither one member nor the average);
+        ``"uniform average"``, every member that was not excluded (by name,
+        ``"member i"`` when unnamed) and ``"greedy soup"`` (when it is neither
+        one member nor the average);
         ``-1`` for a candidate whose probabilities are not finite; ``None``
         when ``validation_fraction=0``.
     selected_ : str
@@ -134,7 +135,8 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         every epoch; empty when ``validation_fraction=0``.
     start_ : str
         The fixed rule gate learning started from: ``"uniform average"`` (of
-        the members not screened), ``"greedy soup"`` or a member alone (``"member i"`` or its name)
+        the members not screened), ``"greedy soup"`` or a member alone
+        (``"member i"`` or its name)
         (see Notes).
     best_epoch_ : int
         Epoch whose gates were kept: the one with the lowest validation loss

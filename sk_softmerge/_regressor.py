@@ -113,8 +113,9 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         ``(n_samples, n_outputs)``, as skorch regressors do).
     validation_scores_ : dict of str to float or None
         Validation R^2 of ``"soft merge"`` (the gates checked there),
-        ``"uniform average"``, every member (``"member i"`` or its name) that was not excluded and
-        ``"greedy soup"`` (when it is neither one member nor the average);
+        ``"uniform average"``, every member that was not excluded (by name,
+        ``"member i"`` when unnamed) and ``"greedy soup"`` (when it is neither
+        one member nor the average);
         ``-inf`` for a candidate whose predictions are not finite; ``None``
         when ``validation_fraction=0``.
     selected_ : str
@@ -138,7 +139,8 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         every epoch; empty when ``validation_fraction=0``.
     start_ : str
         The fixed rule gate learning started from: ``"uniform average"`` (of
-        the members not screened), ``"greedy soup"`` or a member alone (``"member i"`` or its name)
+        the members not screened), ``"greedy soup"`` or a member alone
+        (``"member i"`` or its name)
         (see :class:`SoftMergeClassifier`).
     best_epoch_ : int
         Epoch whose gates were kept: the one with the lowest validation loss

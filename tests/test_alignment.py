@@ -305,7 +305,7 @@ class TestUnsupported:
     @pytest.mark.parametrize(
         ("module", "message"),
         [
-            (Attention, r"module 'attn' \(MultiheadAttention\) holds parameters"),
+            (Attention, r"module 'attn' is attention \(MultiheadAttention\)"),
             (Transposed, r"operation 'view' .* mixes hidden units"),
             (DataDependent, r"torch.fx cannot trace"),
         ],

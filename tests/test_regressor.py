@@ -499,7 +499,7 @@ class TestPersistence:
 
     def test_fitted_state_holds_no_torch_objects_outside_nets(self, fitted):
         for name, value in vars(fitted).items():
-            if name in ("estimators", "merged_net_"):
+            if name in ("estimators", "named_estimators_", "merged_net_"):
                 continue
             assert b"torch" not in pickle.dumps(value), name
 
