@@ -125,6 +125,12 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     """
     weights_path, sidecar_path = _paths(path)
     check_is_fitted(estimator, "merged_net_")
+    if getattr(estimator, "_input_keys", None) is not None:
+        raise ValueError(
+            "save_merged stores merges of members that take one input array; this "
+            f"merge was fitted on a dict X (keys {estimator._input_keys}). Use "
+            "joblib, or save merged_net_.module_.state_dict() with torch."
+        )
     net = estimator.merged_net_
     net_description = _describe_net(net)
     classes = (

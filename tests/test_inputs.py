@@ -252,6 +252,12 @@ class TestDictInputs:
         with pytest.raises(ValueError, match="cannot be passed through"):
             merge.fit({"features": X["features"], "tokens": X["ids"]}, y)
 
+    def test_export_refused_with_a_message(self, dict_members, dict_data, tmp_path):
+        X, y = dict_data
+        merge = SoftMergeClassifier(dict_members, max_epochs=1).fit(X, y)
+        with pytest.raises(ValueError, match="fitted on a dict X"):
+            merge.save_merged(tmp_path / "merge.safetensors")
+
     def test_alignment_refused(self, dict_members, dict_data):
         X, y = dict_data
         with pytest.raises(ValueError, match="dict of arrays"):
