@@ -7,6 +7,8 @@ classifier mixin and the regressor mixin validate the targets and return the
 for everything else that differs between tasks.
 """
 
+import copy
+
 import numpy as np
 import torch
 from sklearn.base import ClassifierMixin, RegressorMixin, clone
@@ -32,6 +34,37 @@ class _MemberMixin:
     ``_validate_fit_data(X, y)`` returning ``(nets, X, y, task)``, and, when
     they predict with one net, set ``merged_net_`` in ``fit``.
     """
+
+    _FITTED_PRIVATE = (
+        "_input_dtype",
+        "_integer_inputs",
+        "_input_keys",
+        "_threshold",
+        "_target_shape",
+    )
+    """Private attributes that ``fit`` sets, besides the public ones ending in _."""
+
+    def _fit_atomically(self, fit, *args, **kwargs):
+        """Run ``fit(estimator, *args, **kwargs)`` on a shallow copy and take its
+        fitted state only once it succeeded: a refused or failed fit leaves an
+        earlier fit exactly as it was. Returns ``self``."""
+        scratch = copy.copy(self)  # shares the parameters (members, random state)
+        scratch._forget_fit()
+        fit(scratch, *args, **kwargs)
+        self._forget_fit()
+        for name, value in vars(scratch).items():
+            if self._is_fitted_attribute(name):
+                setattr(self, name, value)
+        return self
+
+    def _forget_fit(self) -> None:
+        for name in [name for name in vars(self) if self._is_fitted_attribute(name)]:
+            delattr(self, name)
+
+    def _is_fitted_attribute(self, name: str) -> bool:
+        return (
+            name.endswith("_") and not name.startswith("__")
+        ) or name in self._FITTED_PRIVATE
 
     def __sklearn_clone__(self):
         # The default clone would clone each member, and cloning a skorch net

@@ -25,7 +25,7 @@ from ._candidates import Candidate, choose_start, fixed_rules
 from ._devices import resolve_device
 from ._evaluation import choose_lowest_loss
 from ._export import save_merged
-from ._inputs import InputDict, call, to_device
+from ._inputs import check_forward, to_device
 from ._matching import ALIGNMENTS, align_modules
 from ._merging import SoftMerge
 from ._repair import member_moments, repair_sites
@@ -139,8 +139,14 @@ class _SoftMergeBase(BaseEstimator):
         Returns
         -------
         self : object
-            The fitted estimator.
+            The fitted estimator. A fit that raises leaves the estimator as it
+            was: fitted as before, or unfitted.
         """
+        return self._fit_atomically(_SoftMergeBase._fit, X, y, sample_weight)
+
+    def _fit(self, X, y, sample_weight):
+        """The steps of :meth:`fit`, setting the fitted attributes of ``self``
+        (a scratch copy)."""
         nets, X, y, task = self._validate_fit_data(X, y)
         X, y, sample_weight = weighted_samples(X, y, sample_weight)
         device = resolve_device(self.device)
@@ -148,7 +154,7 @@ class _SoftMergeBase(BaseEstimator):
         data = self._fit_data(task, X, y, sample_weight, random_state, device)
         rows = self._usable_members(nets)
         merger, average, reference = self._build_merger(nets, rows, data)
-        task.check_output(_check_forward(merger, data.X_train), data.y_train)
+        task.check_output(check_forward(merger, data.X_train), data.y_train)
         generator = torch.Generator(device=device).manual_seed(
             int(random_state.randint(np.iinfo(np.int32).max))
         )
@@ -449,22 +455,3 @@ def _per_estimator(
     full = np.zeros((n_estimators, values.shape[1]), dtype=values.dtype)
     full[rows] = values
     return full
-
-
-def _check_forward(merger: SoftMerge, X: torch.Tensor) -> torch.Tensor:
-    """The merge's output on two samples; a clear error if ``X`` does not fit."""
-    try:
-        with torch.no_grad():
-            return call(merger, X[:2])
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"X {_describe_inputs(X)} cannot be passed through the members' "
-            f"module: {exc}"
-        ) from exc
-
-
-def _describe_inputs(X) -> str:
-    if isinstance(X, InputDict):
-        shapes = {key: tuple(value.shape[1:]) for key, value in X.items()}
-        return f"with keys and sample shapes {shapes}"
-    return f"with sample shape {tuple(X.shape[1:])}"

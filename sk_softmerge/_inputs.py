@@ -104,12 +104,33 @@ def call(function: Callable, X, **kwargs):
     return function(X, **kwargs)
 
 
-def batches(X, batch_size: int, device) -> list:
-    """``X`` in batches of at most ``batch_size`` samples, each on ``device``."""
-    return [
-        to_device(X[start : start + batch_size], device)
-        for start in range(0, len(X), batch_size)
-    ]
+def check_forward(function: Callable, X):
+    """``function``'s output on the first two samples of ``X``, without
+    gradients; a ValueError naming the inputs' shapes if they do not fit.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._inputs import check_forward
+    >>> check_forward(torch.nn.Linear(3, 1), torch.zeros(5, 4))
+    Traceback (most recent call last):
+        ...
+    ValueError: X with sample shape (4,) cannot be passed through the members' ...
+    """
+    try:
+        with torch.no_grad():
+            return call(function, X[:2])
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"X {_describe(X)} cannot be passed through the members' module: {exc}"
+        ) from exc
+
+
+def _describe(X) -> str:
+    if is_dict(X):
+        shapes = {key: tuple(value.shape[1:]) for key, value in X.items()}
+        return f"with keys and sample shapes {shapes}"
+    return f"with sample shape {tuple(X.shape[1:])}"
 
 
 def check_one_input(X, what: str) -> None:

@@ -13,7 +13,7 @@ from sklearn.base import BaseEstimator, _fit_context
 from ._base import weighted_samples
 from ._candidates import greedy_soup
 from ._evaluation import member_forward
-from ._inputs import call, to_device
+from ._inputs import check_forward, to_device
 from ._merging import SoftMerge
 from ._tasks import prediction_function
 
@@ -50,8 +50,13 @@ class SoupBase(BaseEstimator):
         Returns
         -------
         self : object
-            The fitted estimator.
+            The fitted estimator. A fit that raises leaves the estimator as it
+            was: fitted as before, or unfitted.
         """
+        return self._fit_atomically(SoupBase._fit, X, y, sample_weight)
+
+    def _fit(self, X, y, sample_weight):
+        """The steps of :meth:`fit`, on a scratch copy of the estimator."""
         nets, X, y, task = self._validate_fit_data(X, y)
         X, y, weights = weighted_samples(X, y, sample_weight)
         weights = None if weights is None else weights / weights.mean()
@@ -61,7 +66,7 @@ class SoupBase(BaseEstimator):
         device = next(template.parameters()).device
         X = to_device(X, device)
         with torch.no_grad():
-            task.check_output(call(template, X[:2]), y)
+            task.check_output(check_forward(template, X), y)
         y = torch.as_tensor(y, device=device)
         predict = prediction_function(nets[0])
 
