@@ -86,6 +86,29 @@ scatter-add costs several times a contiguous sum per element."""
 LOOSE_OVERHEAD = 1024
 """Cost, in blocks, of the eight extra operations that any loose weight brings."""
 
+CHUNK_ELEMENTS = 2**20
+"""The reduction's transient ``(n_members, ...)`` products hold at most this many
+elements, or one member's weights if more: a large stack is reduced in chunks
+of blocks, so that a step's memory is the stack plus a few members' worth, not
+two stacks. Small stacks are reduced in one chunk, as if there were none."""
+
+
+def chunk_blocks(n_members: int, n_blocks: int, size: int) -> int:
+    """Blocks per chunk of the reduction (see ``CHUNK_ELEMENTS``).
+
+    Examples
+    --------
+    >>> from sk_softmerge._fastmerge import chunk_blocks
+    >>> chunk_blocks(5, 1000, 64)       # a small stack: one chunk
+    1000
+    >>> chunk_blocks(5, 2**20, 64)      # 64 Mi weights: a member's worth a chunk
+    209715
+    >>> chunk_blocks(5, 2**12, 64)      # 256 Ki weights: 1 Mi elements a chunk
+    3276
+    """
+    elements = max(CHUNK_ELEMENTS, n_blocks * size)
+    return max(1, min(n_blocks, elements // (n_members * size)))
+
 
 class FlatLayout:
     """Where the merged parameters lie in the flat stack.
@@ -362,7 +385,16 @@ def _mix(weights: torch.Tensor, theta: torch.Tensor, plan: BlockPlan) -> torch.T
         # Straddling blocks read a zero column and are overwritten below.
         weights = torch.nn.functional.pad(weights, (0, 1))
     block_weights = weights.index_select(1, plan.block_unit).unsqueeze(-1)
-    flat = (blocks * block_weights).sum(0).view(-1)
+    n_blocks = blocks.shape[1]
+    step = chunk_blocks(theta.shape[0], n_blocks, plan.size)
+    if step == n_blocks:
+        flat = (blocks * block_weights).sum(0).view(-1)
+    else:
+        flat = theta.new_empty(n_blocks, plan.size)
+        for start in range(0, n_blocks, step):
+            chunk = slice(start, start + step)
+            torch.sum(blocks[:, chunk] * block_weights[:, chunk], 0, out=flat[chunk])
+        flat = flat.view(-1)
     if plan.has_loose:
         loose = weights.index_select(1, plan.loose_unit)
         loose = loose * theta.index_select(1, plan.loose_index)
@@ -377,9 +409,13 @@ def _mix_grad(
     blocks = theta.view(theta.shape[0], -1, plan.size)
     # With loose weights, straddling blocks add into a spare last column.
     grad = theta.new_zeros(theta.shape[0], n_units + plan.has_loose)
-    grad.index_add_(
-        1, plan.block_unit, (blocks * grad_flat.view(-1, plan.size)).sum(-1)
-    )
+    grad_blocks = grad_flat.view(-1, plan.size)
+    n_blocks = blocks.shape[1]
+    step = chunk_blocks(theta.shape[0], n_blocks, plan.size)
+    for start in range(0, n_blocks, step):
+        chunk = slice(start, start + step)
+        products = (blocks[:, chunk] * grad_blocks[chunk]).sum(-1)
+        grad.index_add_(1, plan.block_unit[chunk], products)
     if plan.has_loose:
         loose = theta.index_select(1, plan.loose_index) * grad_flat[plan.loose_index]
         grad.index_add_(1, plan.loose_unit, loose)

@@ -74,13 +74,24 @@ class SoftMerge(torch.nn.Module):
         The flat stack of the members' merged parameters (see
         :class:`~sk_softmerge._fastmerge.FlatLayout`).
     unit_index : torch.Tensor of shape (n_weights,)
-        The unit of every weight of ``theta``.
+        The unit of every weight of ``theta`` (int32, computed on access).
 
     Raises
     ------
     ValueError
         If there is no module, or the modules' parameters differ in name,
         shape or dtype.
+
+    Notes
+    -----
+    Memory: the stack ``theta`` holds every member's merged weights once
+    (``n_members`` members' worth); nothing else of that size is kept. A
+    training step or an evaluation adds the merged weights, their gradient and
+    the reduction's chunked temporaries (see ``CHUNK_ELEMENTS`` in
+    :mod:`sk_softmerge._fastmerge`), about three to four members' worth in all;
+    screening and building the merged state dict add about two to three. A
+    default fit of ``SoftMergeClassifier`` therefore peaks near the stack plus
+    four members' worth (measured in ``benchmarks/RESULTS.md``).
 
     Examples
     --------
@@ -115,7 +126,6 @@ class SoftMerge(torch.nn.Module):
         self._aliases = _tied_aliases(self.template, names)
         self._binding = TemplateBinding(self.template, names, self._aliases)
         self._layout = FlatLayout([self.template.get_parameter(n).shape for n in names])
-        self._evaluation = (None, None)
         self._repair: Repair | None = None
 
         theta = self._layout.stack(
@@ -127,9 +137,10 @@ class SoftMerge(torch.nn.Module):
         for u, unit in enumerate(self.units):
             for name in unit.parameters:
                 rows.setdefault(name, []).append(u)
-        unit_index = self._layout.unit_index([torch.tensor(rows[n]) for n in names])
+        # The unit of every row of every parameter; the unit of every weight
+        # (two members' worth of int64) is computed when needed, not kept.
+        self._unit_rows = [torch.tensor(rows[n], dtype=torch.int32) for n in names]
         self.register_buffer("theta", theta, persistent=False)
-        self.register_buffer("unit_index", unit_index.to(device), persistent=False)
         # The plan's tensors are buffers, so that they follow the merger's device.
         plan = plan_blocks(self.unit_index, len(self.units))
         self._block_size = plan.size
@@ -289,11 +300,15 @@ class SoftMerge(torch.nn.Module):
         -------
         forward : callable
         """
-        template, evaluation = self._evaluation
-        if template is not self.template:  # a new reference since last call
-            evaluation = copy.deepcopy(self.template).eval()
-            self._evaluation = (self.template, evaluation)
-        return member_forward(evaluation, module)
+        # A fresh copy each time: a copy kept would hold a member's worth of
+        # memory for the whole fit.
+        return member_forward(copy.deepcopy(self.template).eval(), module)
+
+    @property
+    def unit_index(self) -> torch.Tensor:
+        """The unit (int32) of every weight of ``theta``, shape ``(n_weights,)``, on the
+        merger's device (computed on each access, not stored)."""
+        return self._layout.unit_index(self._unit_rows).to(self.theta.device)
 
     @property
     def unit_names(self) -> list[str]:
@@ -404,11 +419,17 @@ class SoftMerge(torch.nn.Module):
             Detached tensors on the merger's device, for ``load_state_dict`` on
             a module of the members' architecture.
         """
-        state = {k: v.detach().clone() for k, v in self.template.state_dict().items()}
         if gates is None:
             gates = self.gates()
         merged = self.merged_parameters(gates)
         merged.update({alias: merged[name] for alias, name in self._aliases})
+        # The template's own values of the merged tensors are not copied: the
+        # merge replaces them.
+        state = {
+            k: v.detach().clone()
+            for k, v in self.template.state_dict().items()
+            if k not in merged
+        }
         state |= merged
         if self._repair is not None and statistics_from is None:
             raise ValueError(

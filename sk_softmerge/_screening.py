@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._fastmerge import CHUNK_ELEMENTS
+
 OUTLIER_FACTOR = 10.0
 """How many typical member-to-median distances make a member suspicious."""
 
@@ -90,13 +92,26 @@ def extreme_units(
             [ True, False],
             [False, False]])
     """
-    n_members = theta.shape[0]
+    n_members, n_weights = theta.shape
     flagged = torch.zeros(n_members, n_units, dtype=torch.bool, device=theta.device)
     if n_members < 3:
         return flagged
-    median = theta.median(dim=0).values
-    distance = _unit_norms((theta - median) ** 2, unit_index, n_units)
-    median_norm = _unit_norms((median**2)[None], unit_index, n_units)
+    # Squared distances to the median and squared norms of the median, summed
+    # per unit, a chunk of weights at a time: the temporaries of the median
+    # and the differences stay within a member's worth of elements.
+    distance = theta.new_zeros(n_members, n_units)
+    median_norm = theta.new_zeros(1, n_units)
+    step = max(1, max(CHUNK_ELEMENTS, n_weights) // (2 * n_members))
+    for start in range(0, n_weights, step):
+        columns, units = (
+            theta[:, start : start + step],
+            unit_index[start : start + step],
+        )
+        median = columns.median(dim=0).values
+        distance.index_add_(1, units, (columns - median).square_())
+        median_norm.index_add_(1, units, median.square_()[None])
+    distance.sqrt_()
+    median_norm.sqrt_()
     typical = distance.median(dim=0).values
     return (distance > OUTLIER_FACTOR * typical) & (distance > median_norm)
 
@@ -125,10 +140,3 @@ def screen(merger) -> torch.Tensor:
     [False, True, False]
     """
     return extreme_units(merger.theta, merger.unit_index, len(merger.units))
-
-
-def _unit_norms(
-    squares: torch.Tensor, unit_index: torch.Tensor, n_units: int
-) -> torch.Tensor:
-    sums = squares.new_zeros(squares.shape[0], n_units)
-    return sums.index_add_(1, unit_index, squares).sqrt()

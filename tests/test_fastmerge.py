@@ -45,14 +45,20 @@ def net(seed):
 
 
 class TestSpecification:
+    @pytest.mark.parametrize("chunked", [False, True])
     @pytest.mark.parametrize("block_sizes", [None, (8,), (64,)])
     @pytest.mark.parametrize("gates", ["sampled", "deterministic", "given"])
     @pytest.mark.parametrize("granularity", ["layer", "tensor", "neuron"])
-    def test_values_and_gradients(self, granularity, gates, block_sizes, monkeypatch):
+    def test_values_and_gradients(
+        self, granularity, gates, block_sizes, chunked, monkeypatch
+    ):
         """Gradients in log-alpha for sampled and deterministic gates, in the
-        gates themselves when they are given."""
+        gates themselves when they are given; reduced in one chunk or in
+        chunks of one member's worth (as for a large stack)."""
         if block_sizes is not None:
             monkeypatch.setattr(_fastmerge, "BLOCK_SIZES", block_sizes)
+        if chunked:
+            monkeypatch.setattr(_fastmerge, "CHUNK_ELEMENTS", 1)
         merger = SoftMerge([net(seed) for seed in range(4)], granularity=granularity)
         theta, unit_index = merger.theta, merger.unit_index
         n_units = len(merger.units)
