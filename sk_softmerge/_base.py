@@ -152,7 +152,7 @@ class MemberClassifierMixin(ClassifierMixin, _MemberMixin):
         self.classes_ = np.asarray(nets[0].classes_)
         # A binary skorch net predicts 1 above its threshold, not by argmax.
         self._threshold = getattr(nets[0], "threshold", None)
-        task = ClassificationTask(classes=self.classes_)
+        task = ClassificationTask(classes=self.classes_, threshold=self._threshold)
         return nets, X, class_indices(y, self.classes_), task
 
     def predict_proba(self, X):

@@ -20,8 +20,13 @@ def correct_predictions(
     y: torch.Tensor,
     nonlinearity: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = 1024,
+    threshold: float | None = None,
 ) -> np.ndarray | None:
     """Which samples a model, given as a forward function, classifies correctly.
+
+    The predicted class is the one of highest probability or, given a
+    ``threshold``, class 1 where its probability exceeds the threshold and
+    class 0 elsewhere, as a :class:`skorch.NeuralNetBinaryClassifier` predicts.
 
     Parameters
     ----------
@@ -35,6 +40,9 @@ def correct_predictions(
         Turns the module's output into class probabilities.
     batch_size : int, default=1024
         Samples per forward pass.
+    threshold : float, default=None
+        For two classes: predict class 1 where its probability is above
+        ``threshold``. ``None`` predicts the class of highest probability.
 
     Returns
     -------
@@ -49,12 +57,22 @@ def correct_predictions(
     >>> X, y = torch.eye(3), torch.tensor([0, 1, 1])
     >>> correct_predictions(lambda x: x, X, y, lambda out: out.softmax(-1))
     array([ True,  True, False])
+    >>> proba = torch.tensor([[0.4, 0.6], [0.05, 0.95], [0.2, 0.8]])
+    >>> y = torch.tensor([1, 1, 0])
+    >>> correct_predictions(lambda x: x, proba, y, lambda out: out)
+    array([ True,  True, False])
+    >>> correct_predictions(lambda x: x, proba, y, lambda out: out, threshold=0.9)
+    array([False,  True,  True])
     """
     correct, finite = [], torch.ones((), device=X.device, dtype=torch.bool)
     for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):
         proba = nonlinearity(call(forward, X[batch]))
         finite &= torch.isfinite(proba).all()
-        correct.append(proba.argmax(-1) == y[batch])
+        if threshold is None:
+            predicted = proba.argmax(-1)
+        else:
+            predicted = (proba[:, 1] > threshold).long()
+        correct.append(predicted == y[batch])
     return torch.cat(correct).cpu().numpy() if finite.item() else None
 
 

@@ -12,13 +12,17 @@ Loading never calls pickle (no ``torch.load``, no ``joblib.load``): the sidecar
 is parsed as JSON, the weights file is read once, checked against the sidecar's
 size and hash, and those same bytes are parsed by safetensors. Everything is
 checked before the net is built, and the net is returned only once its module
-holds the weights, so a bad file raises and leaves nothing half-built.
+holds the weights and has run on a batch of the recorded input shape, so a bad
+file raises and leaves nothing half-built.
 """
 
 import hashlib
+import itertools
 import json
+import math
 import os
 import secrets
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +30,11 @@ import safetensors
 import safetensors.torch
 import torch
 from sklearn.utils.validation import check_is_fitted
-from skorch import NeuralNetClassifier, NeuralNetRegressor
+from skorch import NeuralNetBinaryClassifier, NeuralNetClassifier, NeuralNetRegressor
 
 from ._devices import resolve_device
+from ._inputs import takes_integers
+from ._nets import module_dtype
 from ._sidecar import (
     _LOSSES,
     _NET_CLASSES,
@@ -37,6 +43,8 @@ from ._sidecar import (
     Sidecar,
     _is_named_nonlinearity,
     _package_version,
+    decode_criterion_arguments,
+    encode_criterion_arguments,
 )
 
 WEIGHTS_SUFFIX = ".safetensors"
@@ -49,11 +57,24 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     Two files are written: the merged weights at ``path`` (which must end in
     ``.safetensors``) and a JSON sidecar next to it, with the same stem and the
     suffix ``.json``. The sidecar records the format version, the package
-    version, the classes (``null`` for a regressor), the number of features,
-    the unit names and gates, the name, shape and dtype of every tensor, the
-    size and SHA-256 of the weights file, and the skorch class, criterion and
-    predict nonlinearity that :func:`load_merged` needs to predict exactly as
-    ``estimator`` does.
+    version, the classes (``null`` for a regressor), the number of features
+    and the input shape, the unit names and gates, the name, shape and dtype
+    of every tensor, the size and SHA-256 of the weights file, and the skorch
+    class, criterion and its arguments, predict nonlinearity, batch size and
+    (for a ``NeuralNetBinaryClassifier``) threshold that :func:`load_merged`
+    needs to predict exactly as ``estimator`` does.
+
+    The criterion's arguments (the net's ``criterion__`` parameters) are
+    stored in the sidecar as JSON: numbers, strings, booleans and ``None`` as
+    they are, a tensor (``criterion__weight``, ``criterion__pos_weight``) as
+    ``{"dtype": ..., "shape": [...], "values": [...]}``, its elements in
+    row-major order, written exactly. The input shape is ``[n_features_in]``
+    when the merged module runs on a batch of zeros of shape
+    ``(2, n_features_in)``, which :func:`load_merged` then checks the module
+    it builds against; it is ``null`` otherwise, as for images of shape
+    ``(1, 28, 28)``, whose ``n_features_in_`` is their first dimension (1, as
+    :func:`sklearn.utils.validation.validate_data` counts features of
+    multi-dimensional inputs) and does not tell the input shape.
 
     Both files are first written to temporary files in the same directory and
     then moved into place, so a failed save leaves earlier files intact.
@@ -62,9 +83,10 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     ----------
     estimator : SoftMergeClassifier or SoftMergeRegressor
         A fitted merge whose ``merged_net_`` is a skorch ``NeuralNetClassifier``
-        (with classes that are integers or strings) or ``NeuralNetRegressor``,
-        with a ``torch.nn`` criterion and ``predict_nonlinearity`` ``"auto"`` or
-        ``None``.
+        (with classes that are integers or strings), ``NeuralNetBinaryClassifier``
+        or ``NeuralNetRegressor``, with a ``torch.nn`` criterion whose
+        ``criterion__`` arguments are numbers, strings, booleans, ``None`` or
+        tensors, and ``predict_nonlinearity`` ``"auto"`` or ``None``.
     path : str or path-like
         Where to write the weights; must end in ``.safetensors``. Existing files
         are replaced.
@@ -79,7 +101,10 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     ValueError
         If the path does not end in ``.safetensors``, or the merge holds
         something that the format cannot represent (classes that are neither
-        integers nor strings, a custom criterion or predict nonlinearity).
+        integers nor strings, a custom criterion or predict nonlinearity, a
+        criterion argument that is a function or another object, named in the
+        message, or a criterion instance that its class and ``criterion__``
+        arguments do not rebuild).
 
     See Also
     --------
@@ -116,8 +141,10 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
     ...     meta = json.loads(sidecar.read_text())
     >>> weights.name, sidecar.name
     ('merged.safetensors', 'merged.json')
-    >>> meta["classes"], meta["net"]["criterion"]
-    ([0, 1, 2], 'CrossEntropyLoss')
+    >>> meta["classes"], meta["net"]["criterion"], meta["net"]["criterion_arguments"]
+    ([0, 1, 2], 'CrossEntropyLoss', {})
+    >>> meta["n_features_in"], meta["input_shape"]
+    (4, [4])
     >>> meta["unit_names"][:3], len(meta["gates"]), len(meta["gates"][0])
     (['0[0]', '0[1]', '0[2]'], 2, 11)
     >>> meta["tensors"]["0.weight"]
@@ -139,6 +166,12 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
         else _json_classes(estimator.classes_)
     )
     module = getattr(net.module_, "_orig_mod", net.module_)
+    n_features = int(estimator.n_features_in_)
+    try:
+        _dry_run(module, [n_features])
+        input_shape = [n_features]
+    except Exception:  # any failure: the module takes inputs of another shape
+        input_shape = None
     # clone() also unties shared tensors, which safetensors refuses to write.
     state = {
         name: tensor.detach().cpu().contiguous().clone()
@@ -159,7 +192,8 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
         "tensors": _specs(state),
         "net": net_description,
         "classes": classes,
-        "n_features_in": int(estimator.n_features_in_),
+        "n_features_in": n_features,
+        "input_shape": input_shape,
         "unit_names": [str(name) for name in estimator.unit_names_],
         "gates": np.asarray(estimator.gates_).tolist(),
     }
@@ -174,7 +208,7 @@ def load_merged(
     *,
     device: str = "cpu",
     **module_kwargs,
-) -> NeuralNetClassifier | NeuralNetRegressor:
+) -> NeuralNetClassifier | NeuralNetBinaryClassifier | NeuralNetRegressor:
     """Rebuild a fitted skorch net from files written by ``save_merged``.
 
     The sidecar and the weights file are checked in full before anything is
@@ -182,7 +216,16 @@ def load_merged(
     sidecar's description of every tensor against the tensors themselves.
     Then the net is built from ``module(**module_kwargs)``, its ``state_dict``
     is checked to have exactly the file's tensor names, shapes and dtypes, and
-    the weights are loaded. Nothing is unpickled.
+    the weights are loaded. Last, when the sidecar records an input shape
+    (``[n_features_in]``), the module is run in eval mode, without gradients,
+    on a batch of zeros of shape ``(2, n_features_in)``: a module that does not
+    take the inputs the merge was fitted on is refused here, not at its first
+    prediction. Sidecars without an input shape (merges fitted on
+    multi-dimensional inputs, such as images, and version 1 files) skip this
+    check. Nothing is unpickled.
+
+    Sidecars of version 1 are read too: their nets are rebuilt with the
+    criterion's default arguments, which is what version 1 stored.
 
     Parameters
     ----------
@@ -202,11 +245,12 @@ def load_merged(
 
     Returns
     -------
-    net : skorch.NeuralNetClassifier or skorch.NeuralNetRegressor
+    net : NeuralNetClassifier, NeuralNetBinaryClassifier or NeuralNetRegressor
         An initialised net of the saved class, with the merged weights, the
-        saved classes (for a classifier), criterion class, predict
-        nonlinearity and batch size; its ``predict_proba`` equals the saved
-        merged net's.
+        saved classes (for a ``NeuralNetClassifier``), threshold (for a
+        ``NeuralNetBinaryClassifier``), criterion class and arguments, predict
+        nonlinearity and batch size; its ``predict_proba`` and ``predict``
+        equal the saved merged net's.
 
     Raises
     ------
@@ -214,7 +258,9 @@ def load_merged(
         If the weights file or its sidecar does not exist.
     ValueError
         If either file is malformed, truncated or modified, they do not match
-        each other, or the module's ``state_dict`` does not match the weights.
+        each other, the module's ``state_dict`` does not match the weights, or
+        the module does not run on a batch of the sidecar's ``n_features_in``
+        features.
     TypeError
         If ``module`` is a module instance.
 
@@ -265,8 +311,13 @@ def load_merged(
     where = f"The sidecar {str(sidecar_path)!r}"
     _check_same(found, sidecar.tensors, where, "the sidecar", weights_path)
     params = {f"module__{key}": value for key, value in module_kwargs.items()}
-    if sidecar.classes is not None:
+    arguments = decode_criterion_arguments(sidecar.net_criterion_arguments)
+    _check_criterion(sidecar, arguments, where)
+    params.update({f"criterion__{key}": value for key, value in arguments.items()})
+    if sidecar.net_class == NeuralNetClassifier.__name__:
         params["classes"] = sidecar.classes
+    if sidecar.net_threshold is not None:
+        params["threshold"] = sidecar.net_threshold
     net = _NET_CLASSES[sidecar.net_class](
         module,
         criterion=getattr(torch.nn, sidecar.net_criterion),
@@ -284,6 +335,17 @@ def load_merged(
     where = f"The module built by {name}(...)"
     _check_same(found, built, where, "the module", weights_path)
     net.module_.load_state_dict(tensors)
+    if sidecar.input_shape is not None:
+        shape = (2, *sidecar.input_shape)
+        try:
+            _dry_run(net.module_, sidecar.input_shape)
+        except Exception as exc:  # any failure: the module takes other inputs
+            raise ValueError(
+                f"The module built by {name}(...) does not take the inputs that "
+                f"the merge was fitted on: the sidecar {str(sidecar_path)!r} "
+                f"records n_features_in={sidecar.n_features_in}, and a batch of "
+                f"zeros of shape {shape} failed: {exc}"
+            ) from exc
     return net
 
 
@@ -300,9 +362,8 @@ def _paths(path) -> tuple[Path, Path]:
 def _describe_net(net) -> dict:
     if type(net) not in _NET_CLASSES.values():
         raise ValueError(
-            "save_merged writes skorch NeuralNetClassifier and NeuralNetRegressor "
-            f"nets; the merged net is a {type(net).__module__}."
-            f"{type(net).__qualname__}."
+            f"save_merged writes skorch {', '.join(_NET_CLASSES)} nets; the "
+            f"merged net is a {type(net).__module__}.{type(net).__qualname__}."
         )
     criterion = getattr(net.criterion_, "_orig_mod", net.criterion_)
     name = type(criterion).__name__
@@ -317,12 +378,151 @@ def _describe_net(net) -> dict:
             "since a function cannot be stored without pickle; got "
             f"{net.predict_nonlinearity!r}."
         )
+    arguments = encode_criterion_arguments(net.get_params_for("criterion"))
+    _check_rebuilds(criterion, arguments)
     return {
         "class": type(net).__name__,
         "criterion": name,
+        "criterion_arguments": arguments,
         "predict_nonlinearity": net.predict_nonlinearity,
         "batch_size": int(net.batch_size),
+        "threshold": _threshold(net),
     }
+
+
+def _check_criterion(sidecar: Sidecar, arguments: dict, where: str) -> None:
+    """Raise a ValueError if the sidecar's criterion and its ``arguments`` do
+    not build a loss; ``where`` names the sidecar to start the message."""
+    loss = sidecar.net_criterion
+    try:
+        getattr(torch.nn, loss)(**arguments)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise ValueError(
+            f"{where} has net.criterion_arguments="
+            f"{sidecar.net_criterion_arguments!r}, which do not build a "
+            f"torch.nn.{loss}: {exc}"
+        ) from exc
+
+
+def _threshold(net) -> float | None:
+    """A binary net's threshold, as a float; ``None`` for other nets."""
+    if not isinstance(net, NeuralNetBinaryClassifier):
+        return None
+    threshold = net.threshold
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, Real)
+        or not math.isfinite(threshold)
+    ):
+        raise ValueError(
+            "save_merged stores the threshold of a NeuralNetBinaryClassifier as a "
+            f"finite number; the merged net's threshold is {threshold!r}."
+        )
+    return float(threshold)
+
+
+def _check_rebuilds(criterion: torch.nn.Module, arguments: dict) -> None:
+    """Raise if ``type(criterion)(**arguments)`` (decoded) differs from
+    ``criterion``: in a buffer, or in an attribute such as ``reduction``.
+
+    The sidecar stores the criterion as its class and arguments, so a criterion
+    passed to skorch as an instance, or changed after it was built, would be
+    reloaded as another one.
+    """
+    loss = type(criterion).__name__
+    call = ", ".join(f"{key}=..." for key in arguments)
+    rebuilt = type(criterion)(**decode_criterion_arguments(arguments))
+    difference = criterion_difference(criterion, rebuilt)
+    if difference is not None:
+        raise ValueError(
+            f"save_merged stores the criterion as its class and its criterion__ "
+            f"arguments, but the merged net's criterion is not torch.nn.{loss}"
+            f"({call}): {difference}. Pass the criterion as a class "
+            f"with criterion__ arguments (criterion=torch.nn.{loss}, "
+            "criterion__weight=...), not as an instance or changed after fit."
+        )
+
+
+def criterion_difference(
+    criterion: torch.nn.Module, other: torch.nn.Module
+) -> str | None:
+    """How ``other`` differs from ``criterion``, or ``None`` if it does not.
+
+    Compared: the class, the buffers (``weight``, ``pos_weight``; values and
+    dtypes, wherever they are), and the public attributes (``reduction``,
+    ``label_smoothing``, ``ignore_index``...) but for ``training``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._export import criterion_difference
+    >>> weight = torch.tensor([1.0, 2.0])
+    >>> criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
+    >>> print(criterion_difference(
+    ...     criterion, torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)))
+    None
+    >>> criterion_difference(criterion, torch.nn.CrossEntropyLoss(weight=weight))
+    'its label_smoothing is 0.1, not 0.0'
+    >>> criterion_difference(criterion, torch.nn.CrossEntropyLoss())
+    "it has buffers ['weight'], not []"
+    """
+    if type(criterion) is not type(other):
+        return f"it is a {type(criterion).__qualname__}, not {type(other).__qualname__}"
+    buffers, other_buffers = criterion.state_dict(), other.state_dict()
+    if list(buffers) != list(other_buffers):
+        return f"it has buffers {list(buffers)}, not {list(other_buffers)}"
+    for key, tensor in buffers.items():
+        if not _same(tensor, other_buffers[key]):
+            return f"its buffer {key} is {tensor!r}, not {other_buffers[key]!r}"
+    attributes, other_attributes = (
+        {
+            key: value
+            for key, value in vars(loss).items()
+            if not key.startswith("_") and key != "training"
+        }
+        for loss in (criterion, other)
+    )
+    for key in sorted(attributes.keys() | other_attributes.keys()):
+        value, other_value = attributes.get(key), other_attributes.get(key)
+        if not _same(value, other_value):
+            return f"its {key} is {value!r}, not {other_value!r}"
+    return None
+
+
+def _same(value, other) -> bool:
+    if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
+        return (
+            isinstance(value, torch.Tensor)
+            and isinstance(other, torch.Tensor)
+            and value.dtype == other.dtype
+            and value.shape == other.shape
+            and torch.equal(value.detach().cpu(), other.detach().cpu())
+        )
+    try:
+        return bool(value == other)
+    except (TypeError, ValueError, RuntimeError):  # an array, say
+        return value is other
+
+
+def _dry_run(module: torch.nn.Module, shape) -> None:
+    """Run ``module`` on a batch of zeros of shape ``(2, *shape)``.
+
+    In the module's input dtype (int64 for a module holding an embedding, its
+    floating dtype otherwise), on its device, in eval mode and without
+    gradients; every submodule's training mode and the CPU random state are
+    restored, so the module and the caller see no change.
+    """
+    dtype = torch.int64 if takes_integers(module) else module_dtype(module)
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    device = next(tensors, torch.empty(0)).device
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            module(torch.zeros((2, *shape), dtype=dtype, device=device))
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
 
 
 def _json_classes(classes) -> list:

@@ -80,9 +80,28 @@ class ClassificationTask(Task):
     ----------
     classes : ndarray of shape (n_classes,)
         The members' classes.
+    threshold : float, default=None
+        The members' threshold, for :class:`skorch.NeuralNetBinaryClassifier`
+        members: a model is scored as they predict, class 1 where its
+        probability is above ``threshold``. ``None`` scores the class of
+        highest probability.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from sk_softmerge._tasks import ClassificationTask
+    >>> proba = torch.tensor([[0.4, 0.6], [0.2, 0.8]])
+    >>> y = torch.tensor([1, 0])
+    >>> ClassificationTask(np.array([0, 1])).errors(
+    ...     lambda x: x, proba, y, predict=lambda out: out)
+    array([False,  True])
+    >>> ClassificationTask(np.array([0, 1]), threshold=0.9).errors(
+    ...     lambda x: x, proba, y, predict=lambda out: out)
+    array([ True, False])
     """
 
     classes: np.ndarray
+    threshold: float | None = None
 
     def split(self, X, y, fraction, seed, *weights):
         """Stratified split (plain when a class is too rare to stratify)."""
@@ -102,8 +121,8 @@ class ClassificationTask(Task):
         return classification_loss(net, device)
 
     def errors(self, forward, X, y, predict):
-        """Misclassifications (bool)."""
-        correct = correct_predictions(forward, X, y, predict)
+        """Misclassifications (bool), of predictions by ``threshold`` if any."""
+        correct = correct_predictions(forward, X, y, predict, threshold=self.threshold)
         return None if correct is None else ~correct
 
     def score(self, errors):

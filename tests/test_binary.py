@@ -3,10 +3,12 @@
 ``NeuralNetBinaryClassifier`` members (one output, ``BCEWithLogitsLoss``,
 sigmoid, threshold) and ``NeuralNetClassifier`` members with skorch's default
 ``NLLLoss`` on a module ending in softmax: the merge trains on the members'
-loss and predicts through their nonlinearity.
+loss, predicts through their nonlinearity, scores held-out data as the members
+predict (by their threshold) and exports with its threshold.
 """
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -15,8 +17,8 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import GridSearchCV
 from skorch import NeuralNetBinaryClassifier, NeuralNetClassifier
 
-from sk_softmerge import SoftMergeClassifier
-from sk_softmerge._tasks import classification_loss
+from sk_softmerge import SoftMergeClassifier, load_merged
+from sk_softmerge._tasks import ClassificationTask, classification_loss
 from sk_softmerge.baselines import (
     BestMemberClassifier,
     GreedySoupClassifier,
@@ -33,17 +35,20 @@ def cancer():
     return ((X - X.mean(0)) / X.std(0)).astype(np.float32), y
 
 
-def forked_binary(X, y, n_members=3, seed=0):
+def forked_binary(X, y, n_members=3, seed=0, **net_params):
     torch.manual_seed(seed)
-    shared = NeuralNetBinaryClassifier(
-        make_module(X.shape[1], 1),
+    params = dict(
         optimizer=torch.optim.SGD,
         lr=0.1,
         max_epochs=2,
         batch_size=32,
         train_split=None,
         verbose=0,
-    ).fit(X, y.astype(np.float32))
+    )
+    params.update(net_params)
+    shared = NeuralNetBinaryClassifier(make_module(X.shape[1], 1), **params).fit(
+        X, y.astype(np.float32)
+    )
     return fork(shared, X, y.astype(np.float32), n_members, seed, max_epochs=3)
 
 
@@ -130,9 +135,31 @@ class TestBinaryMembers:
         ):
             SoftMergeClassifier([binary[0], softmax_members[0]]).fit(*cancer)
 
-    def test_save_merged_refused_with_a_clear_message(self, merge, tmp_path):
-        with pytest.raises(ValueError, match=r"the merged net is a skorch\..*Binary"):
-            merge.save_merged(tmp_path / "m.safetensors")
+    def test_validation_scores_are_the_accuracy_of_predict(self, binary, cancer):
+        # With threshold 0.9, predict (class 1 above 0.9) and argmax disagree
+        # on some held-out samples; validation_scores_ must follow predict.
+        X, y = cancer
+        strict = [copy.deepcopy(m).set_params(threshold=0.9) for m in binary]
+        merge = SoftMergeClassifier(
+            strict, granularity="layer", max_epochs=2, refit=False, random_state=0
+        ).fit(X, y)
+        X_val, y_val = held_out_part(X, y, merge)
+        scores = merge.validation_scores_
+        for i, member in enumerate(strict):
+            accuracy = np.mean(member.predict(X_val) == y_val)
+            assert scores[f"member {i}"] == pytest.approx(accuracy, abs=1e-12)
+        by_argmax = [np.mean(m.predict_proba(X_val).argmax(1) == y_val) for m in strict]
+        assert by_argmax != [scores[f"member {i}"] for i in range(len(strict))]
+        assert merge.selected_ == "soft merge"  # no refit: merged_net_ was scored
+        accuracy = np.mean(merge.merged_net_.predict(X_val) == y_val)
+        assert scores["soft merge"] == pytest.approx(accuracy, abs=1e-12)
+
+    def test_default_threshold_scores_as_before(self, merge, binary, cancer):
+        X, y = cancer
+        X_val, y_val = held_out_part(X, y, merge)
+        for i, member in enumerate(binary):
+            accuracy = np.mean(member.predict(X_val) == y_val)
+            assert merge.validation_scores_[f"member {i}"] == pytest.approx(accuracy)
 
     @pytest.mark.parametrize(
         "Baseline",
@@ -148,6 +175,103 @@ class TestBinaryMembers:
         model = Baseline(binary).fit(X, y)
         assert model.predict_proba(X).shape == (len(X), 2)
         assert model.score(X, y) > 0.9
+
+
+def held_out_part(X, y, merge):
+    """The held-out part that ``merge.fit`` scored on: its first draw from
+    ``random_state`` seeds the task's split, as ``_fit_data`` does."""
+    seed = np.random.RandomState(merge.random_state).randint(np.iinfo(np.int32).max)
+    task = ClassificationTask(classes=merge.classes_)
+    _, X_val, _, y_val = task.split(X, y, merge.validation_fraction, seed)
+    return X_val, y_val
+
+
+@pytest.fixture(scope="module")
+def weighted_strict_merge(cancer):
+    """A merge of binary members with threshold 0.9 and a pos_weight."""
+    X, y = cancer
+    members = forked_binary(
+        X, y, n_members=2, threshold=0.9, criterion__pos_weight=torch.tensor(2.0)
+    )
+    return SoftMergeClassifier(members, max_epochs=2, random_state=0).fit(X, y)
+
+
+class TestBinaryExport:
+    def test_round_trip_with_threshold_and_pos_weight(
+        self, weighted_strict_merge, cancer, tmp_path
+    ):
+        X, _ = cancer
+        merge = weighted_strict_merge
+        weights, sidecar = merge.save_merged(tmp_path / "binary.safetensors")
+        meta = json.loads(sidecar.read_text())
+        assert meta["net"]["class"] == "NeuralNetBinaryClassifier"
+        assert meta["net"]["threshold"] == 0.9
+        assert meta["net"]["criterion_arguments"] == {
+            "pos_weight": {"dtype": "float32", "shape": [], "values": [2.0]}
+        }
+        assert meta["classes"] == [0, 1]
+        net = load_merged(weights, make_module, n_features=X.shape[1], n_classes=1)
+        assert type(net) is NeuralNetBinaryClassifier
+        assert net.threshold == 0.9
+        np.testing.assert_array_equal(net.predict_proba(X), merge.predict_proba(X))
+        np.testing.assert_array_equal(net.predict(X), merge.merged_net_.predict(X))
+        np.testing.assert_array_equal(net.classes_[net.predict(X)], merge.predict(X))
+        # The threshold matters: by argmax, some predictions would differ.
+        assert (net.predict(X) != net.predict_proba(X).argmax(1)).any()
+        criterion, original = net.criterion_, merge.merged_net_.criterion_
+        assert type(criterion) is torch.nn.BCEWithLogitsLoss
+        assert criterion.pos_weight.dtype == original.pos_weight.dtype
+        assert torch.equal(criterion.pos_weight, original.pos_weight)
+        assert criterion.reduction == original.reduction
+
+    def test_round_trip_with_the_default_threshold(self, merge, cancer, tmp_path):
+        X, _ = cancer
+        weights, sidecar = merge.save_merged(tmp_path / "binary.safetensors")
+        assert json.loads(sidecar.read_text())["net"]["threshold"] == 0.5
+        net = load_merged(weights, make_module, n_features=X.shape[1], n_classes=1)
+        assert net.threshold == 0.5
+        assert net.criterion_.pos_weight is None
+        np.testing.assert_array_equal(net.predict_proba(X), merge.predict_proba(X))
+        np.testing.assert_array_equal(net.predict(X), merge.predict(X))
+
+    @pytest.mark.parametrize(
+        "field, value, match",
+        [
+            ("threshold", None, r"net.threshold=None; expected a number, for a bin"),
+            ("threshold", "0.9", r"net.threshold='0.9'; expected a number"),
+            ("threshold", True, r"net.threshold=True; expected a number"),
+            ("class", "NeuralNetClassifier", r"net.threshold=0.9; expected null"),
+        ],
+    )
+    def test_malformed_sidecar_refused(
+        self, weighted_strict_merge, tmp_path, field, value, match
+    ):
+        weights, sidecar = weighted_strict_merge.save_merged(
+            tmp_path / "binary.safetensors"
+        )
+        meta = json.loads(sidecar.read_text())
+        meta["net"][field] = value
+        sidecar.write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=match):
+            load_merged(weights, make_module, n_features=30, n_classes=1)
+
+    def test_classes_other_than_0_1_refused(self, weighted_strict_merge, tmp_path):
+        weights, sidecar = weighted_strict_merge.save_merged(
+            tmp_path / "binary.safetensors"
+        )
+        meta = json.loads(sidecar.read_text())
+        meta["classes"] = [1, 0]
+        sidecar.write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=r"classes=\[1, 0\]; expected \[0, 1\]"):
+            load_merged(weights, make_module, n_features=30, n_classes=1)
+
+    def test_non_finite_threshold_refused_at_save(self, merge, tmp_path):
+        broken = copy.copy(merge)
+        broken.merged_net_ = copy.deepcopy(merge.merged_net_)
+        broken.merged_net_.threshold = float("nan")
+        with pytest.raises(ValueError, match=r"as a finite number; .* is nan"):
+            broken.save_merged(tmp_path / "binary.safetensors")
+        assert list(tmp_path.iterdir()) == []
 
 
 class TestSoftmaxMembersWithNLLLoss:

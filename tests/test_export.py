@@ -1,4 +1,9 @@
-"""save_merged / load_merged: exact round trips, atomic saves, refused bad files."""
+"""save_merged / load_merged: exact round trips, atomic saves, refused bad files.
+
+Also the criterion's arguments (stored, restored, or refused at save), the
+check of the module against the sidecar's n_features_in, and reading sidecars
+of format version 1. Binary merges are exported in test_binary.py.
+"""
 
 import copy
 import hashlib
@@ -17,9 +22,13 @@ from skorch import NeuralNetClassifier
 
 import sk_softmerge
 from sk_softmerge import SoftMergeClassifier, load_merged
-from sk_softmerge._export import FORMAT, FORMAT_VERSION
+from sk_softmerge._export import FORMAT, FORMAT_VERSION, _dry_run
+from sk_softmerge._sidecar import (
+    decode_criterion_arguments,
+    encode_criterion_arguments,
+)
 
-from conftest import forked_members, make_module
+from conftest import fork, forked_members, make_module
 
 # Layer gates: the malformed-gates cases below count on two unit names.
 FAST = dict(max_epochs=2, random_state=0, granularity="layer")
@@ -123,6 +132,7 @@ class TestRoundTrip:
         assert sidecar["package_version"] == sk_softmerge.__version__
         assert sidecar["classes"] == list(range(10))
         assert sidecar["n_features_in"] == 64
+        assert sidecar["input_shape"] == [64]
         assert sidecar["unit_names"] == fitted.unit_names_
         np.testing.assert_array_equal(
             np.array(sidecar["gates"], dtype=np.float32), fitted.gates_
@@ -136,8 +146,10 @@ class TestRoundTrip:
         assert sidecar["net"] == {
             "class": "NeuralNetClassifier",
             "criterion": "CrossEntropyLoss",
+            "criterion_arguments": {},
             "predict_nonlinearity": "auto",
             "batch_size": 64,
+            "threshold": None,
         }
         data = saved.read_bytes()
         assert sidecar["weights"] == {
@@ -348,11 +360,14 @@ class TestBadFiles:
         path.unlink()
         assert_refused(path, r"m\.safetensors' does not exist", FileNotFoundError)
 
-    def test_unknown_format_version(self, path):
+    @pytest.mark.parametrize("version", [3, 0, True, "2"])
+    def test_unknown_format_version(self, path, version):
         sidecar = read_sidecar(path)
-        sidecar["format_version"] = 2
+        sidecar["format_version"] = version
         write_sidecar(path, sidecar)
-        assert_refused(path, "has format version 2; sk_softmerge .* reads version 1")
+        assert_refused(
+            path, f"has format version {version!r}; sk_softmerge .* reads versions 1, 2"
+        )
 
     def test_not_a_sidecar(self, path):
         write_sidecar(path, {"weights": "elsewhere"})
@@ -372,6 +387,9 @@ class TestBadFiles:
             ("gates", [[1.0, 2.0]] * 3, r"gates=.*in \[0, 1\]"),
             ("unit_names", "0", "unit_names='0'; expected a list of strings"),
             ("n_features_in", 0, "n_features_in=0; expected a positive integer"),
+            ("input_shape", [32], r"input_shape=\[32\]; expected null or a list .* 64"),
+            ("input_shape", [], r"input_shape=\[\]; expected null or a list"),
+            ("input_shape", 64, "input_shape=64; expected null or a list"),
         ],
     )
     def test_malformed_sidecar_field(self, path, field, value, match):
@@ -389,6 +407,7 @@ class TestBadFiles:
             ("class", "NeuralNet", "net.class='NeuralNet'"),
             ("class", "NeuralNetRegressor", "classes=.*expected null for a Neura"),
             ("batch_size", 0, "net.batch_size=0"),
+            ("threshold", 0.5, "net.threshold=0.5; expected null"),
         ],
     )
     def test_malformed_net_description(self, path, field, value, match):
@@ -404,6 +423,9 @@ class TestBadFiles:
             ("classes", "has no classes; expected a non-empty list"),
             ("net.predict_nonlinearity", "has no net.predict_nonlinearity; expected"),
             ("weights.sha256", "has no weights.sha256; expected 64 lowercase hex"),
+            ("net.criterion_arguments", "has no net.criterion_arguments; expected"),
+            ("net.threshold", "has no net.threshold; expected null"),
+            ("input_shape", "has no input_shape; expected null or a list"),
         ],
     )
     def test_missing_sidecar_field(self, path, field, match):
@@ -450,3 +472,307 @@ class TestBadFiles:
 
     def test_path_must_be_safetensors(self, path):
         assert_refused(path.with_suffix(".bin"), r"must name a '\.safetensors' file")
+
+
+@pytest.fixture(scope="module")
+def weighted(digits):
+    """A merge of members with criterion arguments of every kind, and its files."""
+    X, y = digits
+    arguments = dict(
+        criterion__weight=torch.linspace(0.5, 1.5, 10),
+        criterion__label_smoothing=0.1,
+        criterion__reduction="mean",
+        criterion__ignore_index=-1,
+    )
+    members = forked_members(X, y, n_members=2, **arguments)
+    merge = SoftMergeClassifier(members, **FAST).fit(X, y)
+    return merge
+
+
+def assert_same_criterion(criterion, expected):
+    assert type(criterion) is type(expected)
+    for name in ("reduction", "label_smoothing", "ignore_index"):
+        assert getattr(criterion, name) == getattr(expected, name), name
+    assert criterion.weight.dtype == expected.weight.dtype
+    assert torch.equal(criterion.weight, expected.weight)
+
+
+class TestCriterionArguments:
+    def test_round_trip(self, weighted, digits, tmp_path):
+        X, _ = digits
+        weights, sidecar = weighted.save_merged(tmp_path / "weighted.safetensors")
+        arguments = json.loads(sidecar.read_text())["net"]["criterion_arguments"]
+        assert arguments == {
+            "weight": {
+                "dtype": "float32",
+                "shape": [10],
+                "values": torch.linspace(0.5, 1.5, 10).tolist(),
+            },
+            "label_smoothing": 0.1,
+            "reduction": "mean",
+            "ignore_index": -1,
+        }
+        net = load_merged(weights, make_module, **MODULE_KWARGS)
+        assert_same_criterion(net.criterion_, weighted.merged_net_.criterion_)
+        assert net.get_params()["criterion__label_smoothing"] == 0.1
+        np.testing.assert_array_equal(net.predict_proba(X), weighted.predict_proba(X))
+
+    def test_criterion_without_arguments_is_the_default(self, saved):
+        net = load_merged(saved, make_module, **MODULE_KWARGS)
+        default = torch.nn.CrossEntropyLoss()
+        assert net.criterion_.weight is None
+        assert net.criterion_.label_smoothing == default.label_smoothing
+        assert net.criterion_.ignore_index == default.ignore_index
+
+    @pytest.mark.parametrize(
+        "tensor",
+        [
+            torch.tensor([1 / 3, 1e-30, -2.5e30, 0.0], dtype=torch.float64),
+            torch.tensor([1 / 3, 65504.0, 6e-8], dtype=torch.float16),
+            torch.tensor([[1 / 3, 3e38], [-1e-38, 7.0]], dtype=torch.bfloat16),
+            torch.tensor(1 / 3),
+            torch.tensor([2**62, -(2**63)], dtype=torch.int64),
+            torch.tensor([255, 0], dtype=torch.uint8),
+            torch.tensor([True, False]),
+            torch.zeros(0, 3),
+        ],
+    )
+    def test_tensors_are_written_exactly(self, tensor):
+        encoded = json.loads(json.dumps(encode_criterion_arguments({"w": tensor})))
+        decoded = decode_criterion_arguments(encoded)["w"]
+        assert decoded.dtype == tensor.dtype
+        assert decoded.shape == tensor.shape
+        assert torch.equal(decoded, tensor)
+
+    @pytest.mark.parametrize(
+        "name, value, match",
+        [
+            ("ignore_index", lambda target: -1, r"criterion__ignore_index is <func"),
+            (
+                "ignore_index",
+                object(),
+                r"criterion__ignore_index is <object .*, of type obj",
+            ),
+            (
+                "ignore_index",
+                [1, 2],
+                r"criterion__ignore_index is \[1, 2\], of type list",
+            ),
+            ("ignore_index", np.array([1]), r"criterion__ignore_index is array"),
+            (
+                "label_smoothing",
+                float("nan"),
+                "finite numbers .*label_smoothing is nan",
+            ),
+            ("weight", torch.full((10,), np.inf), "finite tensors .*criterion__weight"),
+            (
+                "weight",
+                torch.ones(10, dtype=torch.complex64),
+                "criterion__weight has dtype complex64",
+            ),
+        ],
+    )
+    def test_other_values_refused_at_save(self, fitted, tmp_path, name, value, match):
+        merge = copy.copy(fitted)
+        merge.merged_net_ = copy.deepcopy(fitted.merged_net_)
+        merge.merged_net_.set_params(**{f"criterion__{name}": value})
+        with pytest.raises(ValueError, match=match):
+            merge.save_merged(tmp_path / "m.safetensors")
+        assert list(tmp_path.iterdir()) == []
+
+    def test_criterion_changed_after_fit_refused(self, fitted, tmp_path):
+        merge = copy.copy(fitted)
+        merge.merged_net_ = copy.deepcopy(fitted.merged_net_)
+        merge.merged_net_.criterion_.label_smoothing = 0.2
+        with pytest.raises(
+            ValueError,
+            match=r"criterion is not torch.nn.CrossEntropyLoss\(\): its "
+            r"label_smoothing is 0.2, not 0.0",
+        ):
+            merge.save_merged(tmp_path / "m.safetensors")
+        assert list(tmp_path.iterdir()) == []
+
+    def test_criterion_instance_refused(self, fitted, tmp_path):
+        merge = copy.copy(fitted)
+        merge.merged_net_ = copy.deepcopy(fitted.merged_net_)
+        merge.merged_net_.set_params(
+            criterion=torch.nn.CrossEntropyLoss(weight=torch.ones(10))
+        )
+        with pytest.raises(
+            ValueError, match=r"it has buffers \['weight'\], not \[\]\. Pass the"
+        ):
+            merge.save_merged(tmp_path / "m.safetensors")
+        assert list(tmp_path.iterdir()) == []
+
+    @pytest.mark.parametrize(
+        "arguments, match",
+        [
+            ([], r"net.criterion_arguments=\[\]; expected a mapping from arguments"),
+            (
+                {"os_system": 1},
+                r"net.criterion_arguments=\{'os_system': 1\}; expected a mapping "
+                r"from arguments of torch.nn.CrossEntropyLoss \(ignore_index, ",
+            ),
+            (
+                {"weight": {"dtype": "float32", "shape": [2], "values": [1.0]}},
+                "net.criterion_arguments.weight=.*; expected a number, a string",
+            ),
+            (
+                {"weight": {"dtype": "complex64", "shape": [1], "values": [1.0]}},
+                "net.criterion_arguments.weight=",
+            ),
+            (
+                {"weight": {"dtype": "float32", "shape": [1], "values": [np.nan]}},
+                "net.criterion_arguments.weight=",
+            ),
+            (
+                {"weight": {"dtype": "int8", "shape": [1], "values": [128]}},
+                "net.criterion_arguments.weight=",
+            ),
+            (
+                {"weight": {"dtype": "bool", "shape": [1], "values": [1]}},
+                "net.criterion_arguments.weight=",
+            ),
+            (
+                {"weight": {"dtype": "float32", "shape": [1], "values": ["1"]}},
+                "net.criterion_arguments.weight=",
+            ),
+            (
+                {"weight": {"dtype": "float32", "shape": [1], "values": [1], "x": 0}},
+                "net.criterion_arguments.weight=",
+            ),
+            ({"label_smoothing": np.inf}, "net.criterion_arguments.label_smoothing="),
+            ({"reduction": ["mean"]}, "net.criterion_arguments.reduction="),
+            (
+                {"weight": 5},
+                r"net.criterion_arguments=\{'weight': 5\}, which do not build a "
+                "torch.nn.CrossEntropyLoss",
+            ),
+        ],
+    )
+    def test_malformed_arguments_refused(self, path, arguments, match):
+        sidecar = read_sidecar(path)
+        sidecar["net"]["criterion_arguments"] = arguments
+        write_sidecar(path, sidecar)
+        assert_refused(path, match)
+
+
+def unflattening_module(n_features=64, n_classes=10):
+    """make_module's weights, but a layer that cannot take its features."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_features, 16),
+        torch.nn.Unflatten(1, (4, 4)),
+        torch.nn.Linear(16, n_classes),
+    )
+
+
+def make_cnn(n_classes=10):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, n_classes),
+    )
+
+
+class TestInputShape:
+    def test_module_that_cannot_take_the_features_refused(self, path):
+        assert_refused(
+            path,
+            r"module built by unflattening_module\(\.\.\.\) does not take the inputs "
+            r"that the merge was fitted on: the sidecar .* records n_features_in=64, "
+            r"and a batch of zeros of shape \(2, 64\) failed",
+            module=unflattening_module,
+        )
+
+    def test_sidecar_with_other_n_features_refused(self, path):
+        sidecar = read_sidecar(path)
+        sidecar["n_features_in"], sidecar["input_shape"] = 32, [32]
+        write_sidecar(path, sidecar)
+        assert_refused(
+            path, r"records n_features_in=32, and a batch of zeros of shape \(2, 32\)"
+        )
+
+    def test_images_skip_the_check(self, digits, tmp_path):
+        # Images of shape (1, 8, 8): n_features_in_ is 1 (the channels), which
+        # does not tell the input shape, so no shape is recorded or checked.
+        X, y = digits
+        images = X.reshape(-1, 1, 8, 8)
+        torch.manual_seed(0)
+        shared = NeuralNetClassifier(
+            make_cnn(),
+            criterion=torch.nn.CrossEntropyLoss,
+            lr=0.2,
+            max_epochs=2,
+            train_split=None,
+            verbose=0,
+        ).fit(images, y)
+        members = fork(shared, images, y, 2, 0, max_epochs=1)
+        merge = SoftMergeClassifier(members, **FAST).fit(images, y)
+        assert merge.n_features_in_ == 1
+        weights, sidecar = merge.save_merged(tmp_path / "cnn.safetensors")
+        meta = json.loads(sidecar.read_text())
+        assert meta["n_features_in"] == 1
+        assert meta["input_shape"] is None
+        net = load_merged(weights, make_cnn)
+        np.testing.assert_array_equal(
+            net.predict_proba(images), merge.predict_proba(images)
+        )
+
+    def test_dry_run_changes_nothing(self):
+        module = torch.nn.Sequential(
+            torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5)
+        )
+        module[2].eval()  # modes that differ between submodules are kept
+        before = copy.deepcopy(module.state_dict())
+        rng_state = torch.random.get_rng_state()
+        _dry_run(module, [4])
+        assert [m.training for m in module.modules()] == [True, True, True, False]
+        for name, tensor in module.state_dict().items():
+            assert torch.equal(tensor, before[name]), name
+        assert torch.equal(torch.random.get_rng_state(), rng_state)
+        with pytest.raises(RuntimeError):
+            _dry_run(module, [5])
+        assert [m.training for m in module.modules()] == [True, True, True, False]
+
+
+def as_version_1(sidecar):
+    """A version 2 sidecar as version 1 wrote it."""
+    sidecar["format_version"] = 1
+    del sidecar["net"]["criterion_arguments"], sidecar["net"]["threshold"]
+    del sidecar["input_shape"]
+    return sidecar
+
+
+class TestVersion1:
+    def test_read(self, fitted, path, digits):
+        write_sidecar(path, as_version_1(read_sidecar(path)))
+        net = load_merged(path, make_module, **MODULE_KWARGS)
+        X = digits[0]
+        np.testing.assert_array_equal(net.predict_proba(X), fitted.predict_proba(X))
+
+    def test_version_1_has_no_input_check(self, path):
+        # Version 1 does not say whether the module takes (n, n_features_in).
+        sidecar = as_version_1(read_sidecar(path))
+        sidecar["n_features_in"] = 32
+        write_sidecar(path, sidecar)
+        load_merged(path, make_module, **MODULE_KWARGS)
+
+    def test_version_1_knows_no_binary_nets(self, path):
+        sidecar = as_version_1(read_sidecar(path))
+        sidecar["net"]["class"] = "NeuralNetBinaryClassifier"
+        write_sidecar(path, sidecar)
+        assert_refused(
+            path,
+            "net.class='NeuralNetBinaryClassifier'; expected 'NeuralNetClassifier' "
+            "or 'NeuralNetRegressor'",
+        )
+
+    def test_version_1_ignores_fields_it_did_not_have(self, path):
+        sidecar = read_sidecar(path)
+        sidecar["format_version"] = 1
+        sidecar["net"]["criterion_arguments"] = {"label_smoothing": 0.5}
+        write_sidecar(path, sidecar)
+        net = load_merged(path, make_module, **MODULE_KWARGS)
+        # Version 1 had no arguments: a field it never wrote is not read.
+        assert net.criterion_.label_smoothing == 0.0
