@@ -1,0 +1,83 @@
+"""On a GPU: the same gates as on the CPU, and merges of GPU members that load
+without CUDA. Skipped without CUDA (CI has none); run where a GPU is lent."""
+
+import os
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from skorch import NeuralNetClassifier
+
+from sk_softmerge import SoftMerge, SoftMergeClassifier
+from sk_softmerge._gates import logistic_noise
+from sk_softmerge._training import Adam
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+STEPS, TOLERANCE = 20, dict(rtol=1e-3, atol=1e-4)
+"""Gate steps compared, and how close the log-alphas must be: float32 sums in
+another order on another device, over a few dozen Adam steps."""
+
+
+def mlp(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+    )
+
+
+def test_same_gates_on_cpu_and_gpu(digits):
+    X, y = (torch.as_tensor(a) for a in digits)
+    members = [mlp(seed) for seed in range(3)]
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(y), generator=generator)[: STEPS * 64].view(STEPS, 64)
+    log_alphas = {}
+    for device in ("cpu", "cuda"):
+        merger = SoftMerge(members, granularity="neuron", device=device)
+        noise = logistic_noise(
+            (STEPS, *merger.log_alpha.shape), torch.Generator().manual_seed(1)
+        ).to(device)
+        optimizer = Adam(merger.log_alpha, lr=5e-2)
+        for step in range(STEPS):
+            batch = order[step]
+            output = merger(X[batch].to(device), gate_noise=noise[step])
+            loss = torch.nn.functional.cross_entropy(output, y[batch].to(device))
+            (grad,) = torch.autograd.grad(loss, merger.log_alpha)
+            optimizer.step(grad)
+        log_alphas[device] = merger.log_alpha.detach().cpu()
+    assert not torch.equal(log_alphas["cpu"], torch.full_like(log_alphas["cpu"], 3.0))
+    torch.testing.assert_close(log_alphas["cuda"], log_alphas["cpu"], **TOLERANCE)
+
+
+def test_merge_of_gpu_members_loads_without_cuda(digits, tmp_path):
+    X, y = digits
+    members = [
+        NeuralNetClassifier(
+            mlp(seed),
+            criterion=torch.nn.CrossEntropyLoss,
+            max_epochs=2,
+            train_split=None,
+            device="cuda",
+            verbose=0,
+        ).fit(X, y)
+        for seed in range(3)
+    ]
+    assert next(members[0].module_.parameters()).is_cuda
+    merge = SoftMergeClassifier(members, max_epochs=2, random_state=0).fit(X, y)
+    assert next(merge.merged_net_.module_.parameters()).is_cuda
+    path = tmp_path / "gpu.joblib"
+    joblib.dump(merge, path)
+    np.save(tmp_path / "X.npy", X[:50])
+    np.save(tmp_path / "expected.npy", merge.predict_proba(X[:50]))
+    script = (
+        "import joblib, numpy as np, torch; assert not torch.cuda.is_available();"
+        f"m = joblib.load({str(path)!r});"
+        f"X = np.load({str(tmp_path / 'X.npy')!r});"
+        f"e = np.load({str(tmp_path / 'expected.npy')!r});"
+        "np.testing.assert_allclose(m.predict_proba(X), e, rtol=1e-4, atol=1e-5)"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
