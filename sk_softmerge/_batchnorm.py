@@ -111,7 +111,7 @@ def recompute_batchnorm_statistics(
         layer.train()
     n_seen = 0
     with torch.no_grad():
-        for batch in X.split(batch_size):
+        for batch in _batches(X, batch_size):
             n_seen += len(batch)
             for layer in layers:
                 layer.momentum = len(batch) / n_seen
@@ -119,3 +119,12 @@ def recompute_batchnorm_statistics(
     for layer, momentum in zip(layers, momenta, strict=True):
         layer.momentum = momentum
     return module.eval()
+
+
+def _batches(X, batch_size: int) -> list:
+    """``X`` in batches of ``batch_size``, a last batch of one sample joined to
+    the one before (batch norm cannot take a single sample in training)."""
+    batches = list(X.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [X[len(X) - len(batches[-2]) - 1 :]]
+    return batches

@@ -241,7 +241,7 @@ class _SoftMergeBase(BaseEstimator):
                 f"estimators {self.excluded_estimators_} hold non-finite weights "
                 f"(NaN or inf) and are excluded from the merge: {names}.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=6,  # the caller of fit
             )
         return [i for i in range(len(nets)) if i not in self.excluded_estimators_]
 
@@ -300,7 +300,7 @@ class _SoftMergeBase(BaseEstimator):
             f"data, significantly below {name} ({scores[name]:.4f}); falling back "
             f"to {name}. See validation_scores_.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=6,  # the caller of fit
         )
         return next(candidate for candidate in candidates if candidate.name == name)
 
@@ -313,6 +313,7 @@ class _SoftMergeBase(BaseEstimator):
         self.loss_curve_ = training.loss_curve
         self.validation_loss_curve_ = training.validation_loss_curve
         self.best_epoch_ = training.best_epoch
+        self.n_skipped_steps_ = training.n_skipped_steps
         self.n_iter_ = len(self.loss_curve_)
         self.unit_names_ = merger.unit_names
         self.gates_ = _per_estimator(chosen.gates.cpu().numpy(), rows, len(nets))

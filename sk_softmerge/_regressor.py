@@ -133,7 +133,9 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         Gates that started closed because the member's weights on that unit lie
         far from every other member's.
     loss_curve_ : list of float
-        Mean training objective per epoch.
+        Mean training objective per epoch, over the steps that were not
+        skipped (see ``n_skipped_steps_``); ``nan`` for an epoch whose every
+        step was skipped.
     validation_loss_curve_ : list of float
         Task loss of the merge on the validation data before training and after
         every epoch; empty when ``validation_fraction=0``.
@@ -148,6 +150,11 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         last epoch without validation.
     n_iter_ : int
         Number of epochs run.
+    n_skipped_steps_ : int
+        Steps of gate learning skipped because their loss or gradient was not
+        finite (a sampled merge that overflows, such as an extreme member's
+        gate drawn open); they changed neither the gates nor the state of the
+        optimiser. Counted over the epochs of ``loss_curve_``.
 
     See Also
     --------

@@ -1,7 +1,12 @@
 """The fits of the baselines: best member, uniform and greedy soups, ensemble.
 
 The public classes of :mod:`sk_softmerge.baselines` put a task mixin before
-these; each implements ``_build(task, nets, template, score)``.
+these; each implements ``_build(task, nets, template, score, X)``.
+
+A soup's batch-norm running statistics are recomputed on the ``fit`` data, as
+:class:`~sk_softmerge.SoftMergeClassifier` does for its merge: the first
+ingredient's fit its own weights, not the average. The greedy soup scores every
+candidate soup that way too, so that it chooses among the nets it would return.
 """
 
 import copy
@@ -9,6 +14,7 @@ import copy
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, _fit_context
+from torch.func import functional_call
 
 from ._base import weighted_samples
 from ._candidates import greedy_soup
@@ -24,7 +30,8 @@ class SoupBase(BaseEstimator):
     A subclass puts a task mixin (``MemberClassifierMixin`` or
     ``MemberRegressorMixin``) first, whose ``_validate_fit_data`` returns the
     :class:`~sk_softmerge._tasks.Task`, and implements
-    ``_build(task, nets, template, score)``.
+    ``_build(task, nets, template, score, X)``, ``X`` the ``fit`` inputs on the
+    members' device.
     """
 
     _parameter_constraints: dict = {"estimators": [list, tuple]}
@@ -76,19 +83,26 @@ class SoupBase(BaseEstimator):
                 errors = errors * weights
             return task.score(errors)
 
-        self._build(task, nets, template, score)
+        self._build(task, nets, template, score, X)
         return self
 
     @staticmethod
-    def _soup(task, nets, ingredients):
+    def _soup_state(nets, ingredients, X):
+        """State dict of the average of the members at ``ingredients``; buffers
+        from the first, batch-norm statistics recomputed on ``X``."""
         # Stacking only the ingredients: a left-out member holding NaN would
         # otherwise spoil the average (0 * nan is nan).
         soup = SoftMerge([nets[i].module_ for i in ingredients])
-        return task.build_net(nets[ingredients[0]], soup.merged_state_dict())
+        return soup.merged_state_dict(statistics_from=X)
+
+    @classmethod
+    def _soup(cls, task, nets, ingredients, X):
+        state = cls._soup_state(nets, ingredients, X)
+        return task.build_net(nets[ingredients[0]], state)
 
 
 class BestMember(SoupBase):
-    def _build(self, task, nets, template, score):
+    def _build(self, task, nets, template, score, X):
         self.scores_ = np.array(
             [score(member_forward(template, net.module_)) for net in nets]
         )
@@ -98,21 +112,27 @@ class BestMember(SoupBase):
 
 
 class UniformSoup(SoupBase):
-    def _build(self, task, nets, template, score):
-        self.merged_net_ = self._soup(task, nets, list(range(len(nets))))
+    def _build(self, task, nets, template, score, X):
+        self.merged_net_ = self._soup(task, nets, list(range(len(nets))), X)
 
 
 class GreedySoup(SoupBase):
-    def _build(self, task, nets, template, score):
+    def _build(self, task, nets, template, score, X):
         def soup_score(ingredients):
-            soup = SoftMerge([nets[i].module_ for i in ingredients]).eval()
-            return score(soup)
+            # As the soup would predict: the plain net in eval mode, with the
+            # batch-norm statistics recomputed on X that merged_net_ gets.
+            state = self._soup_state(nets, ingredients, X)
+
+            def forward(*args, **kwargs):
+                return functional_call(template, state, args, kwargs)
+
+            return score(forward)
 
         member_scores = [score(member_forward(template, net.module_)) for net in nets]
         self.ingredients_, self.score_ = greedy_soup(member_scores, soup_score)
-        self.merged_net_ = self._soup(task, nets, self.ingredients_)
+        self.merged_net_ = self._soup(task, nets, self.ingredients_, X)
 
 
 class OutputEnsemble(SoupBase):
-    def _build(self, task, nets, template, score):
+    def _build(self, task, nets, template, score, X):
         self.estimators_ = [copy.deepcopy(net) for net in nets]

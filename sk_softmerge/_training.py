@@ -20,18 +20,24 @@ class GateTraining:
     Attributes
     ----------
     loss_curve : list of float
-        Mean training objective per epoch.
+        Mean training objective per epoch, over the steps that were not
+        skipped, weighted by their batch sizes; ``nan`` for an epoch whose
+        every step was skipped.
     validation_loss_curve : list of float
         Task loss of the deterministic merge on the validation data, before
         training (first entry) and after every epoch; empty without validation.
     best_epoch : int
         Epoch whose gates were kept (0: the initial gates, also when no epoch
         was significantly better on the validation data).
+    n_skipped_steps : int
+        Steps skipped because their loss or gradient was not finite: they
+        changed neither the log-alphas nor Adam's moments and step count.
     """
 
     loss_curve: list[float] = field(default_factory=list)
     validation_loss_curve: list[float] = field(default_factory=list)
     best_epoch: int = 0
+    n_skipped_steps: int = 0
 
 
 def learn_gates(
@@ -58,6 +64,12 @@ def learn_gates(
     L0 norm of the gates. Once per epoch, the data are shuffled with one gather,
     so that batches are views, and the gates' noise for every step is drawn in
     one call; the loss is read back from the device once per epoch.
+
+    A step whose loss or gradient is not finite (a sampled merge that
+    overflows, such as a malicious member's gate drawn open) is skipped: Adam
+    leaves the log-alphas, its moments and its step count as they were,
+    without a host-device synchronisation per step (see :class:`Adam`).
+    Skipped steps are counted, and left out of the epoch's mean loss.
 
     With ``validation`` data, the task loss of the deterministic merge on it is
     measured before training and after every epoch, and the log-alphas of the
@@ -103,7 +115,7 @@ def learn_gates(
     Returns
     -------
     result : GateTraining
-        Loss curves and the epoch kept.
+        Loss curves, the epoch kept and the number of skipped steps.
 
     Examples
     --------
@@ -145,7 +157,7 @@ def learn_gates(
             device=log_alpha.device,
             dtype=log_alpha.dtype,
         )
-        losses, penalties = [], []
+        losses, penalties, skipped = [], [], []
         weights = (
             [None] * n_batches
             if sample_weight is None
@@ -159,19 +171,25 @@ def learn_gates(
             loss = _task_loss(loss_fn, output, y_batch, w_batch)
             # autograd.grad spares zero_grad and the accumulation into .grad.
             (grad,) = torch.autograd.grad(loss, log_alpha)
-            # A sampled merge that overflows (a malicious member's gate drawn
-            # open) gives no usable gradient; skip its step without a sync.
-            grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             if l0_weight:
                 l0, l0_slope = expected_l0_with_slope(log_alpha.detach())
                 grad.add_(l0_slope, alpha=penalty_scale)
                 penalties.append(l0.sum())
-            optimizer.step(grad)
-            losses.append(loss.detach())
-        losses = torch.nan_to_num_(torch.stack(losses), nan=0.0, posinf=0.0)
-        if l0_weight:
-            losses += penalty_scale * torch.stack(penalties)
-        result.loss_curve.append(float(losses @ batch_sizes) / n_samples)
+            # A sampled merge that overflows (a malicious member's gate drawn
+            # open) gives no usable step: Adam skips it, without a sync.
+            loss = loss.detach()
+            skip = _not_finite(loss, grad)
+            optimizer.step(grad, skip=skip)
+            losses.append(loss)
+            skipped.append(skip)
+        mean_loss, n_skipped = _epoch_summary(
+            losses,
+            penalty_scale * torch.stack(penalties) if l0_weight else None,
+            torch.stack(skipped),
+            batch_sizes,
+        )
+        result.loss_curve.append(mean_loss)
+        result.n_skipped_steps += n_skipped
         postfix = {"loss": f"{result.loss_curve[-1]:.4f}"}
         if validation is not None:
             result.validation_loss_curve.append(
@@ -202,6 +220,29 @@ def learn_gates(
         best_log_alpha, result.best_epoch = start_log_alpha, 0
     merger.set_log_alpha(best_log_alpha)
     return result
+
+
+def _not_finite(loss, grad):
+    """Whether ``loss`` or some entry of ``grad`` is not finite: a boolean
+    tensor on their device, computed without reading anything back."""
+    # x - x is 0 for a finite x, NaN for NaN and inf: cheaper than isfinite,
+    # which costs several operations per tensor on the CPU.
+    return ((loss - loss) + (grad - grad).sum()).isnan()
+
+
+def _epoch_summary(losses, penalties, skipped, batch_sizes):
+    """The epoch's mean objective over the steps not ``skipped``, weighted by
+    their ``batch_sizes`` (``nan`` when all were), and the number of skipped
+    steps, read back from the device together."""
+    losses = torch.stack(losses)
+    if penalties is not None:
+        losses = losses + penalties
+    # where, not a product: the loss of a skipped step may be NaN or inf.
+    total = torch.where(skipped, 0.0, losses) @ batch_sizes
+    weight = batch_sizes @ (~skipped).to(batch_sizes.dtype)
+    n_skipped = skipped.sum().to(total.dtype)
+    mean, n_skipped = torch.stack([total / weight, n_skipped]).tolist()
+    return mean, int(n_skipped)
 
 
 @torch.no_grad()
@@ -278,6 +319,13 @@ class Adam:
     step on a small net. The same update in six tensor operations costs a
     third of that.
 
+    A step can be skipped: :meth:`step` takes a boolean tensor ``skip`` and,
+    when it is true, leaves the parameter, both moments and the step count
+    exactly as they were. On the CPU the flag is simply read, as there is no
+    device to wait for. Elsewhere it is never read back: the update is masked
+    on the device, where the step count lives and picks the step's bias
+    corrections from a table of them; that costs a dozen operations.
+
     Parameters
     ----------
     parameter : torch.Tensor
@@ -288,6 +336,14 @@ class Adam:
         Decay rates of the first and second moment estimates.
     eps : float, default=1e-8
         Added to the root of the second moment.
+    masked : bool, default=None
+        Whether to skip steps by masking the update on the device rather than
+        by reading ``skip``; ``None`` masks unless the parameter is on the CPU.
+
+    Attributes
+    ----------
+    exp_avg, exp_avg_sq : torch.Tensor
+        First and second moment estimates, of the parameter's shape.
 
     Examples
     --------
@@ -298,30 +354,101 @@ class Adam:
     >>> optimizer.step(torch.tensor([1.0, -2.0]))
     >>> x
     tensor([-0.1000,  0.1000])
+    >>> optimizer.step(torch.tensor([float("nan"), 1.0]), skip=torch.tensor(True))
+    >>> x, optimizer.n_steps
+    (tensor([-0.1000,  0.1000]), 1)
     """
 
-    def __init__(self, parameter, lr, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, parameter, lr, betas=(0.9, 0.999), eps=1e-8, masked=None):
         self.parameter = parameter
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.exp_avg = torch.zeros_like(parameter, memory_format=torch.preserve_format)
-        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
-        self.n_steps = 0
+        self.masked = parameter.device.type != "cpu" if masked is None else masked
+        like = {"dtype": parameter.dtype, "device": parameter.device}
+        # Both moments in one tensor, so that one operation decays both.
+        self._moments = torch.zeros((2, *parameter.shape), **like)
+        self.exp_avg, self.exp_avg_sq = self._moments.unbind()
         # Zero-dimensional, so that no Python number is wrapped per step.
         self._eps = torch.tensor(eps, dtype=torch.float64)
         self._beta2 = torch.tensor(betas[1], dtype=torch.float64)
+        self._n_steps = 0  # a Python number unless masked
+        if self.masked:
+            self._n_steps = torch.zeros(1, dtype=torch.int64, device=like["device"])
+            self._betas = torch.tensor(betas, **like).view(2, *[1] * parameter.dim())
+            self._no_skip = torch.zeros((), dtype=torch.bool, device=like["device"])
+            # An upper bound on the steps taken, known without reading them.
+            self._n_calls = 0
+            self._scales = self._bias_corrections(1024)
+
+    @property
+    def n_steps(self) -> int:
+        """The number of steps taken, skipped ones excluded (read back from
+        the device when masked)."""
+        return int(self._n_steps)
 
     @torch.no_grad()
-    def step(self, grad: torch.Tensor) -> None:
-        """Update the parameter with ``grad``."""
+    def step(self, grad: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """Update the parameter with ``grad``, unless ``skip`` is true.
+
+        Parameters
+        ----------
+        grad : torch.Tensor
+            Gradient, of the parameter's shape.
+        skip : torch.Tensor of dtype bool and shape (), default=None
+            On the parameter's device. True skips the step: the parameter, the
+            moments and the step count are left exactly as they were, whatever
+            ``grad`` holds (NaN included). ``None`` takes the step.
+        """
+        if self.masked:
+            self._masked_step(grad, self._no_skip if skip is None else skip)
+        elif skip is None or not skip:
+            self._step(grad)
+
+    def _step(self, grad):
         beta1, beta2 = self.betas
-        self.n_steps += 1
+        self._n_steps += 1
         self.exp_avg.lerp_(grad, 1.0 - beta1)
         # Not lerp_: from an infinite moment it would give inf - inf = NaN.
         self.exp_avg_sq.mul_(self._beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        bias_correction1 = 1.0 - beta1**self.n_steps
-        bias_correction2 = 1.0 - beta2**self.n_steps
+        bias_correction1 = 1.0 - beta1**self._n_steps
+        bias_correction2 = 1.0 - beta2**self._n_steps
         # eps + sqrt(v / bias_correction2), as torch.optim.Adam computes it.
         denom = torch.add(
             self._eps, self.exp_avg_sq.sqrt(), alpha=1.0 / math.sqrt(bias_correction2)
         )
         self.parameter.addcdiv_(self.exp_avg, denom, value=-self.lr / bias_correction1)
+
+    def _masked_step(self, grad, skip):
+        self._n_calls += 1
+        if self._n_calls >= len(self._scales):
+            self._scales = self._bias_corrections(2 * len(self._scales))
+        beta1, beta2 = self.betas
+        take = ~skip
+        # Zeros for a skipped step, whose gradient may hold NaN (0 * NaN is
+        # NaN), and moments decayed by (1, 1): both kept exactly.
+        grad = torch.where(take, grad, 0.0)
+        self._moments.mul_(torch.where(take, self._betas, 1.0))
+        self.exp_avg.add_(grad, alpha=1.0 - beta1)
+        self.exp_avg_sq.addcmul_(grad, grad, value=1.0 - beta2)
+        self._n_steps.add_(take)
+        # index_select, not indexing: a tensor index would be read back.
+        scale, offset = self._scales.index_select(0, self._n_steps * take)[0]
+        denom = self.exp_avg_sq.sqrt().add_(offset)
+        self.parameter.addcdiv_(self.exp_avg * scale, denom)
+
+    def _bias_corrections(self, n_rows: int) -> torch.Tensor:
+        """Row ``n``: the scales ``(a, b)`` of step ``n``, whose update is
+        ``a * exp_avg / (sqrt(exp_avg_sq) + b)``; row 0, of a skipped step,
+        moves nothing over a denominator that is never zero.
+
+        With ``c1 = 1 - beta1**n`` and ``c2 = 1 - beta2**n``, ``a = -lr *
+        sqrt(c2) / c1`` and ``b = eps * sqrt(c2)``: torch.optim.Adam's
+        ``-lr / c1 * exp_avg / (sqrt(exp_avg_sq / c2) + eps)``, with the
+        corrections in float64 as it computes them.
+        """
+        beta1, beta2 = self.betas
+        device = self.parameter.device
+        n = torch.arange(1, n_rows, dtype=torch.float64, device=device)
+        root2 = (1.0 - beta2**n).sqrt()
+        steps = torch.stack([-self.lr * root2 / (1.0 - beta1**n), self.eps * root2], 1)
+        skipped = torch.tensor([[0.0, 1.0]], dtype=torch.float64, device=device)
+        return torch.cat([skipped, steps]).to(self.parameter.dtype)

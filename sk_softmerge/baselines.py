@@ -3,8 +3,9 @@
 Each baseline takes the same ``estimators`` as
 :class:`~sk_softmerge.SoftMergeClassifier` (fitted skorch classifiers) or
 :class:`~sk_softmerge.SoftMergeRegressor` (fitted skorch regressors) and
-``fit(X, y)`` on held-out data, which it uses only to choose among members,
-by accuracy for classifiers and by R^2 for regressors:
+``fit(X, y)`` on held-out data, which it uses to choose among members, by
+accuracy for classifiers and by R^2 for regressors, and to recompute the
+batch-norm statistics of the soups:
 
 - :class:`BestMemberClassifier`, :class:`BestMemberRegressor`: the best member
   on ``(X, y)``;
@@ -82,8 +83,9 @@ class BestMemberClassifier(MemberClassifierMixin, BestMember):
 class UniformSoupClassifier(MemberClassifierMixin, UniformSoup):
     """The plain average of all members' weights (a "uniform soup").
 
-    ``fit`` uses its data only to check it; no member is left out, so a member
-    holding NaN spoils the soup, as it would for a user averaging by hand.
+    ``fit`` uses its data to check it and to recompute batch-norm statistics;
+    no member is left out, so a member holding NaN spoils the soup, as it would
+    for a user averaging by hand.
 
     Parameters
     ----------
@@ -94,7 +96,8 @@ class UniformSoupClassifier(MemberClassifierMixin, UniformSoup):
     Attributes
     ----------
     merged_net_ : skorch net
-        The averaged net; buffers come from the first member.
+        The averaged net; buffers come from the first member, batch-norm
+        statistics recomputed on the data passed to ``fit``.
     classes_ : ndarray of shape (n_classes,)
     n_features_in_ : int
 
@@ -135,7 +138,8 @@ class GreedySoupClassifier(MemberClassifierMixin, GreedySoup):
     score_ : float
         Accuracy of the soup on the ``fit`` data.
     merged_net_ : skorch net
-        The soup; buffers come from the first member.
+        The soup; buffers come from the first member, batch-norm statistics
+        recomputed on the data passed to ``fit``.
     classes_ : ndarray of shape (n_classes,)
     n_features_in_ : int
 
@@ -242,8 +246,9 @@ class BestMemberRegressor(MemberRegressorMixin, BestMember):
 class UniformSoupRegressor(MemberRegressorMixin, UniformSoup):
     """The plain average of all members' weights (a "uniform soup").
 
-    ``fit`` uses its data only to check it; no member is left out, so a member
-    holding NaN spoils the soup, as it would for a user averaging by hand.
+    ``fit`` uses its data to check it and to recompute batch-norm statistics;
+    no member is left out, so a member holding NaN spoils the soup, as it would
+    for a user averaging by hand.
 
     Parameters
     ----------
@@ -254,7 +259,8 @@ class UniformSoupRegressor(MemberRegressorMixin, UniformSoup):
     Attributes
     ----------
     merged_net_ : skorch net
-        The averaged net; buffers come from the first member.
+        The averaged net; buffers come from the first member, batch-norm
+        statistics recomputed on the data passed to ``fit``.
     n_outputs_ : int
     n_features_in_ : int
 
@@ -295,7 +301,8 @@ class GreedySoupRegressor(MemberRegressorMixin, GreedySoup):
     score_ : float
         R^2 of the soup on the ``fit`` data.
     merged_net_ : skorch net
-        The soup; buffers come from the first member.
+        The soup; buffers come from the first member, batch-norm statistics
+        recomputed on the data passed to ``fit``.
     n_outputs_ : int
     n_features_in_ : int
 

@@ -333,6 +333,15 @@ class TestBatchNormStatistics:
         torch.testing.assert_close(fresh[2].running_var, features.var((0, 2)))
         assert fresh[2].momentum == net[2].momentum
 
+    def test_a_last_batch_of_one_sample(self):
+        # BatchNorm1d cannot normalise one sample in training: it joins the
+        # batch before it.
+        net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        X = torch.randn(9, 3)
+        fresh = recompute_batchnorm_statistics(net, X, batch_size=4)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh[1].running_mean, net[0](X).mean(0))
+
     def test_batches_weighted_by_size(self, inputs):
         net = torch.nn.Sequential(
             torch.nn.Linear(N_FEATURES, 4), torch.nn.BatchNorm1d(4)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
+from skorch import NeuralNetClassifier
 
 from sk_softmerge.baselines import (
     BestMemberClassifier,
@@ -15,7 +16,7 @@ from sk_softmerge.baselines import (
     UniformSoupClassifier,
 )
 
-from conftest import forked_members, parameters_of
+from conftest import fork, forked_members, parameters_of
 
 BASELINES = [
     BestMemberClassifier,
@@ -107,3 +108,107 @@ def test_greedy_soup_leaves_out_a_nan_member(mixed, digits):
     assert np.isnan(
         UniformSoupClassifier([broken, *mixed]).fit(X, y).predict_proba(X)
     ).all()
+
+
+def batchnorm_module(n_features=64, n_classes=10):
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_features, 16),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, n_classes),
+    )
+
+
+@pytest.fixture(scope="module")
+def batchnorm_members(digits):
+    """Forks of one short training of a net with batch norm."""
+    X, y = digits
+    torch.manual_seed(0)
+    shared = NeuralNetClassifier(
+        batchnorm_module(),
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.SGD,
+        lr=0.2,
+        max_epochs=2,
+        batch_size=64,
+        train_split=None,
+        verbose=0,
+    ).fit(X, y)
+    return fork(shared, X, y, n_members=3, seed=0, max_epochs=3)
+
+
+@pytest.fixture(scope="module")
+def shifted(digits):
+    """Held-out data on which no member's batch-norm statistics hold: fewer
+    samples than one batch of the recomputation, so its statistics are exact."""
+    X, y = digits
+    return X[:400] + 0.25, y[:400]
+
+
+@pytest.mark.parametrize("Soup", [UniformSoupClassifier, GreedySoupClassifier])
+def test_soup_batchnorm_statistics_are_those_of_the_fit_data(
+    Soup, batchnorm_members, shifted
+):
+    X, y = shifted
+    before = [parameters_of(m) for m in batchnorm_members]
+    module = Soup(batchnorm_members).fit(X, y).merged_net_.module_
+    with torch.no_grad():
+        features = module[0](torch.as_tensor(X))
+    torch.testing.assert_close(module[1].running_mean, features.mean(0))
+    torch.testing.assert_close(module[1].running_var, features.var(0))
+    for member, state in zip(batchnorm_members, before, strict=True):
+        bn = member.module_[1]
+        assert not torch.allclose(bn.running_mean, module[1].running_mean, atol=0.1)
+        assert torch.equal(bn.running_mean, state["1.running_mean"])
+        assert torch.equal(bn.running_var, state["1.running_var"])
+
+
+def test_greedy_soup_scores_soups_as_they_predict(batchnorm_members, shifted):
+    # With the statistics recomputed on the fit data, not the first member's.
+    X, y = shifted
+    model = GreedySoupClassifier(batchnorm_members).fit(X, y)
+    assert len(model.ingredients_) > 1
+    assert model.score_ == pytest.approx(model.score(X, y))
+
+
+class TwoInputsWithBatchNorm(torch.nn.Module):
+    """Two arrays, as skorch passes a dict: by keyword; batch norm after the
+    first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = torch.nn.Linear(5 + 3, 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+        self.out = torch.nn.Linear(8, 2)
+
+    def forward(self, dense, extra):
+        hidden = self.hidden(torch.cat([dense, extra], dim=1))
+        return self.out(torch.relu(self.bn(hidden)))
+
+
+def test_soup_batchnorm_statistics_of_dict_inputs():
+    rng = np.random.default_rng(0)
+    X = {
+        "dense": rng.normal(size=(200, 5)).astype(np.float32),
+        "extra": rng.normal(1.0, 2.0, size=(200, 3)).astype(np.float32),
+    }
+    y = (X["dense"][:, 0] > 0).astype(np.int64)
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(
+            NeuralNetClassifier(
+                TwoInputsWithBatchNorm,
+                criterion=torch.nn.CrossEntropyLoss,
+                max_epochs=2,
+                train_split=None,
+                verbose=0,
+            ).fit(X, y)
+        )
+    for Soup in (UniformSoupClassifier, GreedySoupClassifier):
+        module = Soup(nets).fit(X, y).merged_net_.module_
+        with torch.no_grad():
+            features = module.hidden(
+                torch.cat([torch.as_tensor(X["dense"]), torch.as_tensor(X["extra"])], 1)
+            )
+        torch.testing.assert_close(module.bn.running_mean, features.mean(0))

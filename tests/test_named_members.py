@@ -43,13 +43,17 @@ class TestNamed:
 
     def test_start_and_fallback_by_name(self, named, digits, monkeypatch):
         X, y = digits
-        # Every other candidate scores far below "long": the merge falls back.
+        # Start from the member named "long" alone; the held-out check then
+        # falls back to the greedy soup, whose warning names it.
         monkeypatch.setattr(
             "sk_softmerge._estimator.choose_start",
-            lambda c, e: c[NAMES.index("long") + 1],
+            lambda candidates, errors: candidates[1 + NAMES.index("long")],
         )
-        merge = SoftMergeClassifier(named, max_epochs=1, random_state=0).fit(X, y)
+        with pytest.warns(UserWarning, match="falling back to greedy soup"):
+            merge = SoftMergeClassifier(named, max_epochs=1, random_state=0)
+            merge.fit(X, y)
         assert merge.start_ == "long"
+        assert merge.selected_ == "greedy soup"
 
     def test_warning_names_the_broken_member(self, named, digits):
         X, y = digits

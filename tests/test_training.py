@@ -1,3 +1,6 @@
+import copy
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,17 +10,68 @@ from sk_softmerge._gates import logistic_noise
 from sk_softmerge._training import Adam, _per_sample_task_losses, learn_gates
 
 
-def test_adam_matches_torch_adam():
+@pytest.mark.parametrize("masked", [False, True])
+def test_adam_matches_torch_adam(masked):
     generator = torch.Generator().manual_seed(0)
     ours = torch.randn(4, 3, generator=generator)
     theirs = torch.nn.Parameter(ours.clone())
-    optimizer = Adam(ours, lr=0.05)
+    optimizer = Adam(ours, lr=0.05, masked=masked)
     reference = torch.optim.Adam([theirs], lr=0.05)
     for _ in range(20):
         grad = torch.randn(4, 3, generator=generator)
         optimizer.step(grad)
         theirs.grad = grad.clone()
         reference.step()
+    torch.testing.assert_close(ours, theirs.detach())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_adam_skipped_steps_change_nothing(masked):
+    """A skipped step, whatever its gradient, leaves the parameter, moments and
+    step count exactly as they were: the steps taken are torch.optim.Adam's."""
+    generator = torch.Generator().manual_seed(0)
+    ours = torch.randn(4, 3, generator=generator)
+    theirs = torch.nn.Parameter(ours.clone())
+    optimizer = Adam(ours, lr=0.05, masked=masked)
+    reference = torch.optim.Adam([theirs], lr=0.05)
+    # The first step skipped too: no bias correction exists before a step.
+    skips = [True, False, False, True, True, False, True, False]
+    for step, skip in enumerate(skips):
+        grad = torch.randn(4, 3, generator=generator)
+        if skip:
+            grad[step % 4, 0] = (float("nan"), float("inf"), -float("inf"), 1.0)[
+                step % 4
+            ]
+            before = [
+                t.clone() for t in (ours, optimizer.exp_avg, optimizer.exp_avg_sq)
+            ]
+            n_steps = optimizer.n_steps
+        optimizer.step(grad, skip=torch.tensor(skip))
+        if skip:
+            after = (ours, optimizer.exp_avg, optimizer.exp_avg_sq)
+            assert all(map(torch.equal, before, after))
+            assert optimizer.n_steps == n_steps
+        else:
+            theirs.grad = grad.clone()
+            reference.step()
+    assert optimizer.n_steps == skips.count(False)
+    torch.testing.assert_close(ours, theirs.detach())
+    state = reference.state[theirs]
+    torch.testing.assert_close(optimizer.exp_avg, state["exp_avg"])
+    torch.testing.assert_close(optimizer.exp_avg_sq, state["exp_avg_sq"])
+
+
+def test_adam_masked_step_grows_its_table_of_bias_corrections():
+    ours, theirs = torch.zeros(2), torch.nn.Parameter(torch.zeros(2))
+    optimizer = Adam(ours, lr=0.01, masked=True)
+    reference = torch.optim.Adam([theirs], lr=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(1500):
+        grad = torch.randn(2, generator=generator)
+        optimizer.step(grad)
+        theirs.grad = grad
+        reference.step()
+    assert optimizer.n_steps == 1500
     torch.testing.assert_close(ours, theirs.detach())
 
 
@@ -195,3 +249,106 @@ def test_per_sample_task_losses_of_a_criterion_vmap_cannot_trace():
     losses = _per_sample_task_losses(merger, loss, X, y, None, gates=merger.gates())
     expected = 2.0 * (0.75 * X.squeeze(1)) ** 2
     np.testing.assert_allclose(losses, expected.numpy(), rtol=1e-6)
+
+
+def _overflowing_merger():
+    """Two sound members and one whose weight is huge: its gate, started
+    closed, is sometimes drawn open, and the sampled merge then overflows."""
+    merger = SoftMerge([_linear(1.0), _linear(0.5), _linear(1e30)])
+    merger.start_from(torch.tensor([[1.0], [1.0], [0.0]]))
+    return merger
+
+
+@pytest.mark.parametrize("l0_weight", [0.0, 0.3])
+def test_non_finite_steps_are_skipped(l0_weight):
+    """learn_gates is torch.optim.Adam on the documented objective, over the
+    steps whose loss and gradient are finite; the others leave no trace."""
+    X = torch.randn(100, 1, generator=torch.Generator().manual_seed(0))
+    y = 0.8 * X
+    loss_fn = torch.nn.functional.mse_loss
+    merger = _overflowing_merger()
+    result = learn_gates(
+        merger,
+        loss_fn,
+        X,
+        y,
+        l0_weight=l0_weight,
+        max_epochs=3,
+        lr=0.1,
+        batch_size=16,
+        generator=torch.Generator().manual_seed(1),
+    )
+
+    reference = _overflowing_merger()
+    optimizer = torch.optim.Adam([reference.log_alpha], lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    curve, n_skipped = [], 0
+    for _ in range(3):
+        order = torch.randperm(100, generator=generator)
+        noise = logistic_noise((7, *reference.log_alpha.shape), generator)
+        total, n_seen = 0.0, 0
+        for step, batch in enumerate(order.split(16)):
+            output = reference(X[batch], gate_noise=noise[step])
+            loss = loss_fn(output, y[batch]) + l0_weight * reference.penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            grad = reference.log_alpha.grad
+            if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
+                n_skipped += 1
+                continue
+            optimizer.step()
+            total += loss.item() * len(batch)
+            n_seen += len(batch)
+        curve.append(total / n_seen)
+    assert 0 < n_skipped < 21
+    assert result.n_skipped_steps == n_skipped
+    torch.testing.assert_close(merger.log_alpha, reference.log_alpha)
+    # Means over the steps taken: no zero, nor any other trace, of the others.
+    np.testing.assert_allclose(result.loss_curve, curve, rtol=1e-5)
+    assert all(np.isfinite(result.loss_curve))
+
+
+def test_epoch_whose_every_step_is_skipped_records_nan():
+    merger = SoftMerge([_linear(1e30), _linear(2e30)])
+    start = merger.log_alpha.detach().clone()
+    X = torch.randn(40, 1, generator=torch.Generator().manual_seed(0))
+    result = learn_gates(
+        merger,
+        torch.nn.functional.mse_loss,
+        X,
+        X.clone(),
+        max_epochs=2,
+        batch_size=16,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result.n_skipped_steps == 6
+    assert np.isnan(result.loss_curve).all()
+    assert torch.equal(merger.log_alpha.detach(), start)
+
+
+def test_estimators_count_skipped_steps(digits, diabetes, members, regressors):
+    from sk_softmerge import SoftMergeClassifier, SoftMergeRegressor
+
+    def huge(member):
+        member = copy.deepcopy(member)
+        with torch.no_grad():
+            for p in member.module_.parameters():
+                p.fill_(1e30)
+        return member
+
+    fit = dict(max_epochs=3, random_state=0, validation_fraction=0)
+    for Merge, nets, (X, y) in [
+        (SoftMergeClassifier, members, digits),
+        (SoftMergeRegressor, regressors, diabetes),
+    ]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            clean = Merge(nets, **fit).fit(X, y)
+            broken = Merge([*nets, huge(nets[0])], **fit).fit(X, y)
+        assert clean.n_skipped_steps_ == 0
+        assert broken.n_skipped_steps_ > 0
+        # An epoch whose every step overflowed records NaN, never 0 or inf.
+        curve = np.asarray(broken.loss_curve_)
+        assert not (curve == 0).any() and not np.isinf(curve).any()
+        assert (broken.gates_[-1] == 0).all()
+        assert np.isfinite(broken.predict(X)).all()
