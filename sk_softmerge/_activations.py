@@ -108,8 +108,12 @@ class Recorder:
 
     def __init__(self, module, sites: Sequence[Site], device=None):
         self.template = copy.deepcopy(module).eval().requires_grad_(False)
-        if device is not None:
+        placeholders = any(p.is_meta for p in self.template.parameters())
+        if device is not None and not placeholders:
             self.template.to(device)
+        # A merger's template holds placeholders for the merged weights: runs
+        # replace every parameter, and the device is the one given.
+        self._device = torch.device(device) if device is not None else None
         self.sites = list(sites)
 
     @contextmanager
@@ -139,6 +143,8 @@ class Recorder:
 
     @property
     def device(self) -> torch.device:
+        if self._device is not None:
+            return self._device
         return next(self.template.parameters()).device
 
     def on_device(self, state_dict: dict) -> dict:

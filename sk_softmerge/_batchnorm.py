@@ -102,7 +102,16 @@ def recompute_batchnorm_statistics(
     """
     module = copy.deepcopy(module)
     if state_dict is not None:
-        module.load_state_dict(state_dict)
+        if any(p.is_meta for p in module.parameters()):
+            # Placeholders (a merger's template) take the given tensors; the
+            # buffers, which batches update, are copies.
+            buffers = {name for name, _ in module.named_buffers()}
+            state_dict = {
+                k: v.clone() if k in buffers else v for k, v in state_dict.items()
+            }
+            module.load_state_dict(state_dict, assign=True)
+        else:
+            module.load_state_dict(state_dict)
     layers = [layer for layer in module.modules() if _tracks_statistics(layer)]
     momenta = [layer.momentum for layer in layers]
     module.eval()

@@ -77,7 +77,7 @@ def correct_predictions(
 
 
 def member_forward(
-    template: torch.nn.Module, module: torch.nn.Module
+    template: torch.nn.Module, module: torch.nn.Module, device=None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Forward function of ``module``'s weights and buffers run in ``template``.
 
@@ -89,8 +89,10 @@ def member_forward(
     template : torch.nn.Module
         A module of the same architecture, in the mode to evaluate in.
     module : torch.nn.Module
-        The member whose state is used; its tensors are copied to the
-        template's device.
+        The member whose state is used; its tensors are copied to ``device``.
+    device : torch.device, default=None
+        Where to run; ``None`` takes the template's device (give it for a
+        template whose parameters are placeholders).
 
     Returns
     -------
@@ -105,7 +107,7 @@ def member_forward(
     >>> torch.equal(member_forward(a, b)(x), b(x))
     True
     """
-    device = next(template.parameters()).device
+    device = device if device is not None else next(template.parameters()).device
     # Copies: a template in training mode updates batch-norm buffers in place,
     # and the member's own must not change.
     state = {

@@ -86,11 +86,12 @@ scatter-add costs several times a contiguous sum per element."""
 LOOSE_OVERHEAD = 1024
 """Cost, in blocks, of the eight extra operations that any loose weight brings."""
 
-CHUNK_ELEMENTS = 2**20
+CHUNK_ELEMENTS = 2**18
 """The reduction's transient ``(n_members, ...)`` products hold at most this many
-elements, or one member's weights if more: a large stack is reduced in chunks
-of blocks, so that a step's memory is the stack plus a few members' worth, not
-two stacks. Small stacks are reduced in one chunk, as if there were none."""
+elements, or half a member's weights if more: a large stack is reduced in
+chunks of blocks, so that a step's memory is the stack plus a few members'
+worth, not two stacks. Small stacks are reduced in one chunk, as if there were
+none."""
 
 
 def chunk_blocks(n_members: int, n_blocks: int, size: int) -> int:
@@ -99,14 +100,14 @@ def chunk_blocks(n_members: int, n_blocks: int, size: int) -> int:
     Examples
     --------
     >>> from sk_softmerge._fastmerge import chunk_blocks
-    >>> chunk_blocks(5, 1000, 64)       # a small stack: one chunk
-    1000
-    >>> chunk_blocks(5, 2**20, 64)      # 64 Mi weights: a member's worth a chunk
-    209715
-    >>> chunk_blocks(5, 2**12, 64)      # 256 Ki weights: 1 Mi elements a chunk
-    3276
+    >>> chunk_blocks(5, 200, 64)        # a small stack: one chunk
+    200
+    >>> chunk_blocks(5, 2**20, 64)      # 64 Mi weights: half a member a chunk
+    104857
+    >>> chunk_blocks(5, 2**12, 64)      # 256 Ki weights: 256 Ki elements a chunk
+    819
     """
-    elements = max(CHUNK_ELEMENTS, n_blocks * size)
+    elements = max(CHUNK_ELEMENTS, n_blocks * size // 2)
     return max(1, min(n_blocks, elements // (n_members * size)))
 
 

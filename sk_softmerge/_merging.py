@@ -133,6 +133,7 @@ class SoftMerge(torch.nn.Module):
             device=device,
             dtype=self.template.get_parameter(names[0]).dtype,
         )
+        _release(self.template, names)
         rows: dict[str, list[int]] = {}  # for each parameter, the unit of each row
         for u, unit in enumerate(self.units):
             for name in unit.parameters:
@@ -165,6 +166,7 @@ class SoftMerge(torch.nn.Module):
         """
         training = self.template.training
         template = copy.deepcopy(module).to(self.theta.device).requires_grad_(False)
+        _release(template, self._names)
         self.template = template.train(training)
 
     @torch.no_grad()
@@ -302,7 +304,9 @@ class SoftMerge(torch.nn.Module):
         """
         # A fresh copy each time: a copy kept would hold a member's worth of
         # memory for the whole fit.
-        return member_forward(copy.deepcopy(self.template).eval(), module)
+        return member_forward(
+            copy.deepcopy(self.template).eval(), module, device=self.theta.device
+        )
 
     @property
     def unit_index(self) -> torch.Tensor:
@@ -443,7 +447,9 @@ class SoftMerge(torch.nn.Module):
             state = self._recompute_batchnorm(state, statistics_from)
         if self._repair is not None:
             weights = mixing_weights(gates, self.log_alpha)
-            state = self._repair.fold(self.template, state, weights, statistics_from)
+            state = self._repair.fold(
+                self.template, state, weights, statistics_from, self.theta.device
+            )
             for alias, name in self._aliases:
                 state[alias] = state[name]
             if batchnorm:  # the corrected units feed later batch norms
@@ -530,6 +536,25 @@ def _tied_aliases(
         for alias in names_of[id(module.get_parameter(name))]
         if alias != name
     ]
+
+
+def _release(template: torch.nn.Module, names) -> None:
+    """Put storage-free (meta) placeholders of the same shapes in the template's
+    place for its merged parameters, tied ones included: every call puts the
+    merged tensors there (:class:`~sk_softmerge._fastmerge.TemplateBinding`),
+    and the template's own values would hold a member's worth of memory."""
+    placeholders = {
+        id(parameter): torch.nn.Parameter(
+            torch.empty_like(parameter, device="meta"), requires_grad=False
+        )
+        for parameter in (template.get_parameter(name) for name in names)
+    }
+    for owner in template.modules():
+        for key, value in list(owner._parameters.items()):
+            if value is not None and id(value) in placeholders:
+                owner._parameters[key] = placeholders[id(value)]
+        if isinstance(owner, torch.nn.RNNBase):  # it keeps a list of its weights
+            owner._init_flat_weights()
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -272,7 +272,12 @@ class Repair:
 
     @torch.no_grad()
     def fold(
-        self, module: torch.nn.Module, state: dict, weights: torch.Tensor, X
+        self,
+        module: torch.nn.Module,
+        state: dict,
+        weights: torch.Tensor,
+        X,
+        device=None,
     ) -> dict:
         """``state`` with every site's units brought to their targets on ``X``.
 
@@ -292,6 +297,8 @@ class Repair:
             The gates' mixing weights of the merge.
         X : array-like or torch.Tensor
             The fit data.
+        device : torch.device, default=None
+            Where to run; ``None`` takes the module's device.
 
         Returns
         -------
@@ -301,7 +308,9 @@ class Repair:
         means, stds = self.targets(weights)
         state = dict(state)
         for site, mean, std in zip(self.sites, means, stds, strict=True):
-            [(now, spread)] = unit_moments(module, [state], [site.site], [site.size], X)
+            [(now, spread)] = unit_moments(
+                module, [state], [site.site], [site.size], X, device=device
+            )
             weight, bias = f"{site.layer}.weight", f"{site.layer}.bias"
             dtype, device = state[weight].dtype, state[weight].device
             spread = torch.as_tensor(spread[0], dtype=dtype, device=device)
