@@ -146,7 +146,10 @@ class SoftMerge(torch.nn.Module):
         plan = plan_blocks(self.unit_index, len(self.units))
         self._block_size = plan.size
         for field in ("block_unit", "loose_index", "loose_unit"):
-            self.register_buffer(f"_{field}", getattr(plan, field), persistent=False)
+            # int64: the int32 unit index would make every step's gathers and
+            # scatters convert their indices.
+            index = getattr(plan, field).long()
+            self.register_buffer(f"_{field}", index, persistent=False)
         self.log_alpha = torch.nn.Parameter(
             torch.full(
                 (len(modules), len(self.units)),
