@@ -236,9 +236,7 @@ def unit_moments(
                     counts[s] += columns.shape[0]
     moments = []
     for total, square, count in zip(sums, squares, counts, strict=True):
-        with np.errstate(invalid="ignore", over="ignore"):
-            mean = total / count
-            std = np.sqrt(np.maximum(square / count - mean**2, 0.0))
+        mean, std = _mean_and_std(total, square, count)
         moments.append(
             (
                 np.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0),
@@ -321,8 +319,7 @@ def unit_correlations(
     for products, total, square, count in zip(
         cross, sums, squares, counts, strict=True
     ):
-        mean = total / count
-        std = np.sqrt(np.maximum(square / count - mean**2, 0.0))
+        mean, std = _mean_and_std(total, square, count)
         site_correlations = {}
         for (j, k), product in products.items():
             covariance = product / count - np.outer(mean[j], mean[k])
@@ -334,3 +331,11 @@ def unit_correlations(
             )
         correlations.append(site_correlations)
     return correlations
+
+
+def _mean_and_std(total, square, count):
+    """Means and population standard deviations from sums and sums of squares
+    over ``count`` observations (non-finite where the sums overflowed)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = total / count
+        return mean, np.sqrt(np.maximum(square / count - mean**2, 0.0))

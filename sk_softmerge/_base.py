@@ -31,8 +31,10 @@ class _MemberMixin:
 
     Subclasses set ``_task_name`` (a task of
     :func:`~sk_softmerge._members.check_members`), implement
-    ``_validate_fit_data(X, y)`` returning ``(nets, X, y, task)``, and, when
-    they predict with one net, set ``merged_net_`` in ``fit``.
+    ``_validate_fit_data(X, y)`` returning ``(nets, X, y, task)`` and
+    ``_fit``, the steps of ``fit`` that :meth:`_fit_atomically` runs on a
+    scratch copy, and, when they predict with one net, set ``merged_net_``
+    there.
     """
 
     _FITTED_PRIVATE = (
@@ -44,13 +46,13 @@ class _MemberMixin:
     )
     """Private attributes that ``fit`` sets, besides the public ones ending in _."""
 
-    def _fit_atomically(self, fit, *args, **kwargs):
-        """Run ``fit(estimator, *args, **kwargs)`` on a shallow copy and take its
-        fitted state only once it succeeded: a refused or failed fit leaves an
-        earlier fit exactly as it was. Returns ``self``."""
+    def _fit_atomically(self, *args, **kwargs):
+        """Run ``_fit(*args, **kwargs)`` on a shallow copy and take its fitted
+        state only once it succeeded: a refused or failed fit leaves an earlier
+        fit exactly as it was. Returns ``self``."""
         scratch = copy.copy(self)  # shares the parameters (members, random state)
         scratch._forget_fit()
-        fit(scratch, *args, **kwargs)
+        scratch._fit(*args, **kwargs)
         self._forget_fit()
         for name, value in vars(scratch).items():
             if self._is_fitted_attribute(name):

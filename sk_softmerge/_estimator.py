@@ -142,7 +142,7 @@ class _SoftMergeBase(BaseEstimator):
             The fitted estimator. A fit that raises leaves the estimator as it
             was: fitted as before, or unfitted.
         """
-        return self._fit_atomically(_SoftMergeBase._fit, X, y, sample_weight)
+        return self._fit_atomically(X, y, sample_weight)
 
     def _fit(self, X, y, sample_weight):
         """The steps of :meth:`fit`, setting the fitted attributes of ``self``

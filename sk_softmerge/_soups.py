@@ -60,7 +60,7 @@ class SoupBase(BaseEstimator):
             The fitted estimator. A fit that raises leaves the estimator as it
             was: fitted as before, or unfitted.
         """
-        return self._fit_atomically(SoupBase._fit, X, y, sample_weight)
+        return self._fit_atomically(X, y, sample_weight)
 
     def _fit(self, X, y, sample_weight):
         """The steps of :meth:`fit`, on a scratch copy of the estimator."""

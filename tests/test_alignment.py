@@ -390,8 +390,9 @@ def independent_members(digits):
 
 
 class TestEstimator:
-    def test_weight_matching_merges_independent_members(
-        self, independent_members, digits, monkeypatch
+    @pytest.mark.parametrize("method", METHODS)
+    def test_alignment_merges_independent_members(
+        self, method, independent_members, digits, monkeypatch
     ):
         X, y = digits
         # From the average: a start from the best member alone hides what
@@ -399,9 +400,9 @@ class TestEstimator:
         monkeypatch.setattr(sk_softmerge._estimator, "choose_start", _average_start)
         before = [state_of(m.module_) for m in independent_members]
         params = dict(max_epochs=2, random_state=0, validation_fraction=0)
-        aligned = SoftMergeClassifier(
-            independent_members, align="weight_matching", **params
-        ).fit(X, y)
+        aligned = SoftMergeClassifier(independent_members, align=method, **params).fit(
+            X, y
+        )
         plain = SoftMergeClassifier(independent_members, **params).fit(X, y)
         assert all(map(same_state, [m.module_ for m in independent_members], before))
         assert aligned.score(X, y) > max(0.9, plain.score(X, y))
@@ -439,20 +440,6 @@ class TestEstimator:
         with pytest.raises(ValueError, match="operation 'view'"):
             merge.fit(X, y)
         assert all(map(same_state, [n.module_ for n in nets], before))
-
-    def test_activation_matching_merges_independent_members(
-        self, independent_members, digits, monkeypatch
-    ):
-        X, y = digits
-        monkeypatch.setattr(sk_softmerge._estimator, "choose_start", _average_start)
-        before = [state_of(m.module_) for m in independent_members]
-        params = dict(max_epochs=2, random_state=0, validation_fraction=0)
-        aligned = SoftMergeClassifier(
-            independent_members, align="activation_matching", **params
-        ).fit(X, y)
-        plain = SoftMergeClassifier(independent_members, **params).fit(X, y)
-        assert all(map(same_state, [m.module_ for m in independent_members], before))
-        assert aligned.score(X, y) > max(0.9, plain.score(X, y))
 
     def test_invalid_align(self, members, digits):
         with pytest.raises(ValueError, match="'align' parameter"):
