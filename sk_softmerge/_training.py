@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ._evaluation import choose_lowest_loss
 from ._gates import deterministic_z, expected_l0_with_slope, logistic_noise
-from ._inputs import call
+from ._inputs import call, is_dict
 from ._merging import SoftMerge
 
 
@@ -40,6 +40,12 @@ class GateTraining:
     n_skipped_steps: int = 0
 
 
+STEP_CHUNK_ELEMENTS = 2**16
+"""Shuffled samples, or gate noise, prepared at once during an epoch: a few
+steps' worth, not the epoch's, so that neither doubles the memory of a large
+data set or of many gates."""
+
+
 def learn_gates(
     merger: SoftMerge,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -61,9 +67,10 @@ def learn_gates(
     Each step draws every gate at once, forms every merged tensor with one
     reduction, runs one forward pass and updates the log-alphas with Adam. The
     objective is the mean task loss plus ``l0_weight`` times the mean expected
-    L0 norm of the gates. Once per epoch, the data are shuffled with one gather,
-    so that batches are views, and the gates' noise for every step is drawn in
-    one call; the loss is read back from the device once per epoch.
+    L0 norm of the gates. The data are shuffled, and the gates' noise drawn,
+    a few steps at a time (``STEP_CHUNK_ELEMENTS``) with one gather and one
+    draw, so that batches are views and neither the data nor the noise is
+    copied whole; the loss is read back from the device once per epoch.
 
     A step whose loss or gradient is not finite (a sampled merge that
     overflows, such as a malicious member's gate drawn open) is skipped: Adam
@@ -149,25 +156,14 @@ def learn_gates(
     )
     # The penalty's gradient, l0_weight * mean(l0)', is added in closed form.
     penalty_scale = l0_weight / log_alpha.numel()
+    steps_per_chunk = _steps_per_chunk(X, batch_size, log_alpha.numel())
     for epoch in epochs:
-        order = torch.randperm(n_samples, generator=generator, device=X.device)
-        noise = logistic_noise(
-            (n_batches, *log_alpha.shape),
-            generator,
-            device=log_alpha.device,
-            dtype=log_alpha.dtype,
-        )
         losses, penalties, skipped = [], [], []
-        weights = (
-            [None] * n_batches
-            if sample_weight is None
-            else sample_weight[order].split(batch_size)
+        batches = _shuffled_batches(
+            X, y, sample_weight, log_alpha, batch_size, steps_per_chunk, generator
         )
-        batches = zip(
-            X[order].split(batch_size), y[order].split(batch_size), weights, strict=True
-        )
-        for step, (X_batch, y_batch, w_batch) in enumerate(batches):
-            output = call(merger, X_batch, gate_noise=noise[step])
+        for X_batch, y_batch, w_batch, noise in batches:
+            output = call(merger, X_batch, gate_noise=noise)
             loss = _task_loss(loss_fn, output, y_batch, w_batch)
             # autograd.grad spares zero_grad and the accumulation into .grad.
             (grad,) = torch.autograd.grad(loss, log_alpha)
@@ -220,6 +216,42 @@ def learn_gates(
         best_log_alpha, result.best_epoch = start_log_alpha, 0
     merger.set_log_alpha(best_log_alpha)
     return result
+
+
+def _steps_per_chunk(X, batch_size: int, n_gates: int) -> int:
+    """Steps whose shuffled batches and gate noise are prepared together: as
+    many as fit in ``STEP_CHUNK_ELEMENTS`` elements of either, at least one."""
+    sample = sum(v[0].numel() for v in X.values()) if is_dict(X) else X[0].numel()
+    per_step = max(batch_size * sample, n_gates)
+    return max(1, STEP_CHUNK_ELEMENTS // per_step)
+
+
+def _shuffled_batches(X, y, w, log_alpha, batch_size, steps_per_chunk, generator):
+    """One epoch's ``(X, y, w, noise)`` per step: the samples in a random
+    order, ``w`` ``None`` when ``w`` is, and logistic noise of ``log_alpha``'s
+    shape.
+
+    A chunk of ``steps_per_chunk`` steps is gathered, and its noise drawn, in
+    one call each, so that batches are views; the draws follow one another
+    from ``generator`` as if the whole epoch's were drawn at once.
+    """
+    order = torch.randperm(X.shape[0], generator=generator, device=X.device)
+    for chunk in order.split(steps_per_chunk * batch_size):
+        n_steps = -(-chunk.shape[0] // batch_size)
+        noise = logistic_noise(
+            (n_steps, *log_alpha.shape),
+            generator,
+            device=log_alpha.device,
+            dtype=log_alpha.dtype,
+        )
+        weights = [None] * n_steps if w is None else w[chunk].split(batch_size)
+        yield from zip(
+            X[chunk].split(batch_size),
+            y[chunk].split(batch_size),
+            weights,
+            noise,
+            strict=True,
+        )
 
 
 def _not_finite(loss, grad):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sk_softmerge import SoftMerge
+from sk_softmerge import SoftMerge, _training
 from sk_softmerge._gates import logistic_noise
 from sk_softmerge._training import Adam, _per_sample_task_losses, learn_gates
 
@@ -99,9 +99,16 @@ def test_learn_gates_changes_only_log_alpha_and_is_repeatable(l0_weight):
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("l0_weight", [0.0, 0.3])
-def test_learn_gates_is_adam_on_the_documented_objective(l0_weight):
-    """Each step: Adam on mean task loss + l0_weight * penalty, autograd's way."""
+@pytest.mark.parametrize(
+    "l0_weight, chunk_elements", [(0.0, 2**16), (0.3, 2**16), (0.0, 1), (0.3, 100)]
+)
+def test_learn_gates_is_adam_on_the_documented_objective(
+    l0_weight, chunk_elements, monkeypatch
+):
+    """Each step: Adam on mean task loss + l0_weight * penalty, autograd's way;
+    data and noise prepared a step, two steps or an epoch at a time give the
+    epoch's noise drawn at once."""
+    monkeypatch.setattr(_training, "STEP_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
     modules = [
         torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
