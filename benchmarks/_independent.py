@@ -85,17 +85,27 @@ def cnn(channels=16):
     )
 
 
+def cnn_spec(channels):
+    return dict(module=lambda: cnn(channels), max_epochs=15, lr=5e-3)
+
+
 ARCHITECTURES = {
     "MLP": dict(module=mlp, max_epochs=20, lr=2e-3),
     "wide MLP": dict(module=lambda: mlp(512), max_epochs=20, lr=2e-3),
-    "CNN": dict(module=cnn, max_epochs=15, lr=5e-3),
-    "wide CNN": dict(module=lambda: cnn(64), max_epochs=15, lr=5e-3),
+    "CNN": cnn_spec(16),
+    "wide CNN": cnn_spec(64),
 }
+
+WIDTHS = (64, 128, 256)
+"""Channels of the CNN in the width sweep (``--independent --widths``)."""
 
 
 def train_members(architecture, X, y, seed):
-    """N_MEMBERS nets of one architecture, each from its own initialisation."""
-    spec = ARCHITECTURES[architecture]
+    """N_MEMBERS nets of one architecture (a name of ``ARCHITECTURES`` or a
+    spec), each from its own initialisation."""
+    spec = (
+        ARCHITECTURES[architecture] if isinstance(architecture, str) else architecture
+    )
     members = []
     for k in range(N_MEMBERS):
         torch.manual_seed(1000 * seed + k)
@@ -174,6 +184,101 @@ def run_scenario(architecture, seed, data):
     return scores
 
 
+def run_width(channels, seed, data):
+    """How far the aligned, repaired average of five independently trained
+    CNNs of ``channels`` channels falls below their mean member, and of every
+    pair of them below the pair's mean (activation matching).
+
+    Members, data and soups as in :func:`run_scenario`: members on the
+    stratified 70%, alignment and batch-norm recomputation (REPAIR, in these
+    nets) on all the training data, test accuracy on the test set.
+    """
+    X, y, X_test, y_test = data
+    X_members, _, y_members, _ = train_test_split(
+        X, y, train_size=MEMBER_SHARE, stratify=y, random_state=seed
+    )
+    members = train_members(cnn_spec(channels), X_members, y_members, seed)
+    modules = [net.module_ for net in members]
+    accuracy = [_accuracy(module, X_test, y_test) for module in modules]
+    scores = {"mean member": float(np.mean(accuracy))}
+    for name, method in (
+        ("activation-matched", "activation_matching"),
+        ("weight-matched", "weight_matching"),
+    ):
+        soup = uniform_soup(align_modules(modules, X, method=method), X, repair=True)
+        scores[f"soup, {name}"] = _accuracy(soup, X_test, y_test)
+    pair_gaps = []
+    for j in range(N_MEMBERS):
+        for k in range(j + 1, N_MEMBERS):
+            pair = [modules[j], modules[k]]
+            pair = align_modules(pair, X, method="activation_matching")
+            soup = uniform_soup(pair, X, repair=True)
+            mean = (accuracy[j] + accuracy[k]) / 2
+            pair_gaps.append(mean - _accuracy(soup, X_test, y_test))
+    scores["pair gap, activation-matched"] = float(np.mean(pair_gaps))
+    return scores
+
+
+def scenarios_widths(seeds=SEEDS, widths=WIDTHS, verbose=True):
+    """:func:`run_width` for every width and seed.
+
+    Returns
+    -------
+    results : dict
+        ``{channels: {name: [value per seed]}}``.
+    """
+    return _every_seed(run_width, widths, seeds, "{} channels", verbose)
+
+
+def _every_seed(run, keys, seeds, label, verbose):
+    """``{key: {name: [value per seed]}}`` from ``run(key, seed, data)``,
+    printing each run's scores after ``label.format(key)``."""
+    data = load_mnist1d()
+    results = {}
+    for key in keys:
+        results[key] = {}
+        for seed in seeds:
+            start = time.perf_counter()
+            scores = run(key, seed, data)
+            for name, value in scores.items():
+                results[key].setdefault(name, []).append(value)
+            if verbose:
+                seconds = time.perf_counter() - start
+                print(
+                    f"{label.format(key)}, seed {seed} ({seconds:.0f} s): "
+                    + format_scores(scores),
+                    flush=True,
+                )
+    return results
+
+
+def format_widths(results):
+    """Markdown table of :func:`scenarios_widths`: points, mean over seeds,
+    then each seed's."""
+
+    def cell(values):
+        values = 100 * np.asarray(values)
+        per_seed = " / ".join(f"{v:.1f}" for v in values)
+        return f"**{values.mean():.1f}** ({per_seed})"
+
+    lines = [
+        "| channels | mean member | activation-matched + REPAIR: soup "
+        "| below the mean member | weight-matched + REPAIR: soup "
+        "| below the mean member | 2 members, activation-matched + REPAIR: "
+        "below their mean (10 pairs) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for channels, scores in results.items():
+        member = np.asarray(scores["mean member"])
+        cells = [cell(member)]
+        for name in ("activation-matched", "weight-matched"):
+            soup = np.asarray(scores[f"soup, {name}"])
+            cells += [cell(soup), cell(member - soup)]
+        cells.append(cell(scores["pair gap, activation-matched"]))
+        lines.append(f"| {channels} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def scenarios_independent_init(seeds=SEEDS, architectures=None, verbose=True):
     """Run every architecture and seed.
 
@@ -182,23 +287,8 @@ def scenarios_independent_init(seeds=SEEDS, architectures=None, verbose=True):
     results : dict
         ``{architecture: {method: [accuracy per seed]}}``.
     """
-    data = load_mnist1d()
-    results = {}
-    for architecture in architectures or ARCHITECTURES:
-        results[architecture] = {method: [] for method in METHODS}
-        for seed in seeds:
-            start = time.perf_counter()
-            scores = run_scenario(architecture, seed, data)
-            seconds = time.perf_counter() - start
-            for method, score in scores.items():
-                results[architecture].setdefault(method, []).append(score)
-            if verbose:
-                print(
-                    f"{architecture} seed {seed} ({seconds:.0f} s): "
-                    + format_scores(scores),
-                    flush=True,
-                )
-    return results
+    architectures = architectures or list(ARCHITECTURES)
+    return _every_seed(run_scenario, architectures, seeds, "{}", verbose)
 
 
 def format_scores(scores):
