@@ -23,7 +23,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ._base import weighted_samples
 from ._candidates import Candidate, choose_start, fixed_rules
 from ._devices import resolve_device
-from ._evaluation import choose_lowest_loss
+from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss
 from ._export import save_merged
 from ._inputs import check_forward, to_device
 from ._matching import ALIGNMENTS, align_modules
@@ -158,7 +158,9 @@ class _SoftMergeBase(BaseEstimator):
         generator = torch.Generator(device=device).manual_seed(
             int(random_state.randint(np.iinfo(np.int32).max))
         )
-        evaluate = _evaluation(task, nets[reference], data, generator)
+        evaluate = _evaluation(
+            task, nets[reference], data, generator, EVALUATION_BATCHES * self.batch_size
+        )
         names = list(self.named_estimators_)
         candidates, errors = _fixed_rules(
             task, merger, average, nets, rows, evaluate, names
@@ -389,17 +391,24 @@ def _weights_on(device, w) -> torch.Tensor | None:
     return torch.as_tensor(w / w.mean(), dtype=torch.float32, device=device)
 
 
-def _evaluation(task, reference, data, generator):
+def _evaluation(task, reference, data, generator, batch_size):
     """``evaluate(forward)``: per-sample errors of a model on the held-out part
-    (on at most ``MAX_START_SAMPLES`` training samples without one), times the
-    samples' weights of mean 1 when weighted."""
+    (on at most ``MAX_START_SAMPLES`` training samples without one), run on
+    ``batch_size`` samples at a time, times the samples' weights of mean 1
+    when weighted."""
     X, y, w = data.held_out or (data.X_train, data.y_train, data.w_train)
     if data.held_out is None and X.shape[0] > MAX_START_SAMPLES:
         # Training data: a subsample tells the rules apart well enough.
         keep = torch.randperm(X.shape[0], generator=generator, device=X.device)
         keep = keep[:MAX_START_SAMPLES]
         X, y, w = X[keep], y[keep], None if w is None else w[keep] / w[keep].mean()
-    errors = partial(task.errors, X=X, y=y, predict=prediction_function(reference))
+    errors = partial(
+        task.errors,
+        X=X,
+        y=y,
+        predict=prediction_function(reference),
+        batch_size=batch_size,
+    )
     if w is None:
         return errors
     weights = w.cpu().numpy()

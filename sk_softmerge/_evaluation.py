@@ -12,6 +12,12 @@ from ._inputs import call
 SIGNIFICANCE = 2.0
 """Standard deviations by which a candidate must beat the merge to replace it."""
 
+EVALUATION_BATCHES = 4
+"""Evaluations during ``fit`` (no gradients) run this many training batches at
+once: they hold about two layers' activations where a training step holds
+every layer's and their gradients, so that they need no more memory than a
+step, whatever the size of the held-out part."""
+
 
 @torch.no_grad()
 def correct_predictions(

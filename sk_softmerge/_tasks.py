@@ -56,11 +56,17 @@ class Task(ABC):
 
     @abstractmethod
     def errors(
-        self, forward: Forward, X: torch.Tensor, y: torch.Tensor, predict: Forward
+        self,
+        forward: Forward,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        predict: Forward,
+        batch_size: int = 1024,
     ) -> np.ndarray | None:
         """Per-sample errors of a model on held-out data (lower is better);
         ``None`` when the model does not predict (non-finite outputs).
-        ``predict`` maps the module's output to what the net predicts."""
+        ``predict`` maps the module's output to what the net predicts; the
+        model runs on ``batch_size`` samples at a time."""
 
     @abstractmethod
     def score(self, errors: np.ndarray | None) -> float:
@@ -120,9 +126,11 @@ class ClassificationTask(Task):
     def loss_function(self, net, device):
         return classification_loss(net, device)
 
-    def errors(self, forward, X, y, predict):
+    def errors(self, forward, X, y, predict, batch_size=1024):
         """Misclassifications (bool), of predictions by ``threshold`` if any."""
-        correct = correct_predictions(forward, X, y, predict, threshold=self.threshold)
+        correct = correct_predictions(
+            forward, X, y, predict, batch_size, threshold=self.threshold
+        )
         return None if correct is None else ~correct
 
     def score(self, errors):
@@ -160,9 +168,9 @@ class RegressionTask(Task):
     def loss_function(self, net, device):
         return regression_loss(net, device)
 
-    def errors(self, forward, X, y, predict):
+    def errors(self, forward, X, y, predict, batch_size=1024):
         """Squared errors scaled so that R^2 is one minus their mean."""
-        return scaled_squared_errors(forward, X, y, predict)
+        return scaled_squared_errors(forward, X, y, predict, batch_size)
 
     def score(self, errors):
         """R^2; minus infinity for a model whose predictions are not finite."""

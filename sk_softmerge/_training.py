@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from ._evaluation import choose_lowest_loss
+from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss
 from ._gates import deterministic_z, expected_l0_with_slope, logistic_noise
 from ._inputs import call, is_dict
 from ._merging import SoftMerge
@@ -108,7 +108,8 @@ def learn_gates(
         Source of shuffling and gate noise, on the merger's device.
     validation : tuple of torch.Tensor, default=None
         Held-out ``(X, y)`` or ``(X, y, sample_weight)`` on the merger's device,
-        to keep the best epoch.
+        to keep the best epoch; evaluated ``EVALUATION_BATCHES`` batches at a
+        time.
     n_iter_no_change : int, default=None
         With ``validation``, stop after this many epochs without a new lowest
         validation loss; ``None`` runs every epoch.
@@ -145,11 +146,12 @@ def learn_gates(
     batch_sizes = torch.full((n_batches,), float(batch_size), device=X.device)
     batch_sizes[-1] = n_samples - (n_batches - 1) * batch_size
     result = GateTraining()
+    eval_batch = EVALUATION_BATCHES * batch_size
     if validation is not None:
         start_log_alpha = log_alpha.detach().clone()
         best_log_alpha = start_log_alpha.clone()
         result.validation_loss_curve.append(
-            _mean_task_loss(merger, loss_fn, *validation)
+            _mean_task_loss(merger, loss_fn, *validation, batch_size=eval_batch)
         )
     epochs = tqdm(
         range(max_epochs), desc="learning gates", unit="epoch", disable=verbose <= 0
@@ -189,7 +191,7 @@ def learn_gates(
         postfix = {"loss": f"{result.loss_curve[-1]:.4f}"}
         if validation is not None:
             result.validation_loss_curve.append(
-                _mean_task_loss(merger, loss_fn, *validation)
+                _mean_task_loss(merger, loss_fn, *validation, batch_size=eval_batch)
             )
             if result.validation_loss_curve[-1] < min(
                 result.validation_loss_curve[:-1]
@@ -211,7 +213,7 @@ def learn_gates(
         result.best_epoch = len(result.loss_curve)
         return result
     if result.best_epoch > 0 and not _significantly_better(
-        merger, loss_fn, *validation, best_log_alpha, start_log_alpha
+        merger, loss_fn, *validation, best_log_alpha, start_log_alpha, eval_batch
     ):
         best_log_alpha, result.best_epoch = start_log_alpha, 0
     merger.set_log_alpha(best_log_alpha)
@@ -278,7 +280,9 @@ def _epoch_summary(losses, penalties, skipped, batch_sizes):
 
 
 @torch.no_grad()
-def _significantly_better(merger, loss_fn, X, y, w, log_alpha, start_log_alpha):
+def _significantly_better(
+    merger, loss_fn, X, y, w, log_alpha, start_log_alpha, batch_size
+):
     """Whether gates ``log_alpha`` beat the start significantly on ``(X, y)``
     (samples weighted by ``w``, when not ``None``).
 
@@ -289,7 +293,7 @@ def _significantly_better(merger, loss_fn, X, y, w, log_alpha, start_log_alpha):
     losses = {}
     for name, value in (("start", start_log_alpha), ("trained", log_alpha)):
         losses[name] = _per_sample_task_losses(
-            merger, loss_fn, X, y, w, gates=deterministic_z(value)
+            merger, loss_fn, X, y, w, deterministic_z(value), batch_size
         )
     return choose_lowest_loss(losses, "start") == "trained"
 
