@@ -359,3 +359,20 @@ def test_estimators_count_skipped_steps(digits, diabetes, members, regressors):
         assert not (curve == 0).any() and not np.isinf(curve).any()
         assert (broken.gates_[-1] == 0).all()
         assert np.isfinite(broken.predict(X)).all()
+
+
+def test_fit_evaluates_at_most_evaluation_batches_at_once(digits, members):
+    """A large held-out part costs evaluation batches of EVALUATION_BATCHES
+    training batches, never one forward pass over all of it."""
+    from sk_softmerge import SoftMergeClassifier
+    from sk_softmerge._evaluation import EVALUATION_BATCHES
+
+    X, y = digits
+    sizes = []
+    nets = [copy.deepcopy(net) for net in members]
+    for net in nets:
+        net.module_.register_forward_pre_hook(
+            lambda _, args: sizes.append(args[0].shape[0])
+        )
+    SoftMergeClassifier(nets, batch_size=8, max_epochs=1, random_state=0).fit(X, y)
+    assert max(sizes) == EVALUATION_BATCHES * 8
