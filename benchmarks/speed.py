@@ -451,11 +451,11 @@ def memory_scale_section(rows, command, breakdown):
         "rest is the reduction's index plan, a few steps' data and gate noise, "
         "and the gates with their optimiser. Where the largest tensor is a "
         "smaller share of a member, or with more members, the ratio is lower "
-        "(the rows above). The data and the gate noise of an epoch are not "
-        "copied whole, so that more samples add little (last row; the code "
-        "before that change peaked at 69.6 MiB, 3.47 stacks, on those 50,000 "
-        "samples with `max_epochs=1, refit=False`, where it now peaks at "
-        "33.6).",
+        "(the rows above). Neither the data nor an epoch's gate noise is "
+        "copied whole, and evaluations run a few training batches at a time, "
+        "so that more samples add little (last row; before these changes, the "
+        "fit of that row peaked at 69.6 MiB, 3.47 stacks, with `max_epochs=1, "
+        "refit=False`).",
         SCALE_END,
     ]
     return "\n".join(lines)
