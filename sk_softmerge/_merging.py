@@ -91,7 +91,10 @@ class SoftMerge(torch.nn.Module):
     :mod:`sk_softmerge._fastmerge`), about three to four members' worth in all;
     screening and building the merged state dict add about two to three. A
     default fit of ``SoftMergeClassifier`` therefore peaks near the stack plus
-    four members' worth (measured in ``benchmarks/RESULTS.md``).
+    four members' worth and one training batch's activations (measured in
+    ``benchmarks/RESULTS.md``). The number of samples adds little: training
+    prepares its shuffled data and gate noise a few steps at a time, and
+    evaluations run a few training batches at once.
 
     Examples
     --------
