@@ -23,7 +23,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ._base import weighted_samples
 from ._candidates import Candidate, choose_start, fixed_rules
 from ._devices import resolve_device
-from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss
+from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss, weighted
 from ._export import save_merged
 from ._inputs import check_forward, to_device
 from ._matching import ALIGNMENTS, align_modules
@@ -409,15 +409,7 @@ def _evaluation(task, reference, data, generator, batch_size):
         predict=prediction_function(reference),
         batch_size=batch_size,
     )
-    if w is None:
-        return errors
-    weights = w.cpu().numpy()
-
-    def weighted_errors(forward):
-        found = errors(forward)
-        return None if found is None else found * weights
-
-    return weighted_errors
+    return weighted(errors, None if w is None else w.cpu().numpy())
 
 
 def _fixed_rules(task, merger, average, nets, rows, evaluate, names):

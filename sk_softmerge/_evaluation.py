@@ -19,6 +19,31 @@ every layer's and their gradients, so that they need no more memory than a
 step, whatever the size of the held-out part."""
 
 
+def weighted(
+    errors: Callable[[Callable], np.ndarray | None], weights: np.ndarray | None
+) -> Callable[[Callable], np.ndarray | None]:
+    """``errors`` (per-sample errors of a forward function, or ``None``) times
+    the samples' ``weights``; ``errors`` itself for ``weights=None``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_softmerge._evaluation import weighted
+    >>> errors = weighted(lambda forward: np.array([1.0, 0.0, 1.0]),
+    ...                   np.array([0.5, 1.0, 1.5]))
+    >>> errors(None)
+    array([0.5, 0. , 1.5])
+    """
+    if weights is None:
+        return errors
+
+    def weighted_errors(forward):
+        found = errors(forward)
+        return None if found is None else found * weights
+
+    return weighted_errors
+
+
 @torch.no_grad()
 def correct_predictions(
     forward: Callable[[torch.Tensor], torch.Tensor],

@@ -10,6 +10,7 @@ candidate soup that way too, so that it chooses among the nets it would return.
 """
 
 import copy
+from functools import partial
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torch.func import functional_call
 
 from ._base import weighted_samples
 from ._candidates import greedy_soup
-from ._evaluation import member_forward
+from ._evaluation import member_forward, weighted
 from ._inputs import check_forward, to_device
 from ._merging import SoftMerge
 from ._tasks import prediction_function
@@ -75,13 +76,13 @@ class SoupBase(BaseEstimator):
         with torch.no_grad():
             task.check_output(check_forward(template, X), y)
         y = torch.as_tensor(y, device=device)
-        predict = prediction_function(nets[0])
+        errors = weighted(
+            partial(task.errors, X=X, y=y, predict=prediction_function(nets[0])),
+            weights,
+        )
 
         def score(forward):
-            errors = task.errors(forward, X, y, predict)
-            if errors is not None and weights is not None:
-                errors = errors * weights
-            return task.score(errors)
+            return task.score(errors(forward))
 
         self._build(task, nets, template, score, X)
         return self
