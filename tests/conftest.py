@@ -33,8 +33,14 @@ def fork(shared, X, y, n_members, seed, max_epochs):
     return members
 
 
-def forked_members(X, y, n_members=3, seed=0, softmax=False, **net_params):
-    """Members forked from one short shared training, each on a bootstrap sample."""
+def forked_members(
+    X, y, n_members=3, seed=0, softmax=False, architecture=None, **net_params
+):
+    """Members forked from one short shared training, each on a bootstrap sample.
+
+    ``architecture(n_features, n_classes)`` builds the module, by default
+    :func:`make_module`'s.
+    """
     torch.manual_seed(seed)
     params = dict(
         criterion=torch.nn.NLLLoss if softmax else torch.nn.CrossEntropyLoss,
@@ -46,9 +52,33 @@ def forked_members(X, y, n_members=3, seed=0, softmax=False, **net_params):
         verbose=0,
     )
     params.update(net_params)
-    module = make_module(X.shape[1], len(np.unique(y)), softmax=softmax)
+    if architecture is None:
+        module = make_module(X.shape[1], len(np.unique(y)), softmax=softmax)
+    else:
+        module = architecture(X.shape[1], len(np.unique(y)))
     shared = NeuralNetClassifier(module, **params).fit(X, y)
     return fork(shared, X, y, n_members, seed, max_epochs=3)
+
+
+def independent_members(X, y, architecture, n_members=3, max_epochs=5):
+    """Members trained from their own random initialisations (seeds 0, 1, ...),
+    each module built by ``architecture(n_features, n_classes)``."""
+    members = []
+    for seed in range(n_members):
+        torch.manual_seed(seed)
+        members.append(
+            NeuralNetClassifier(
+                architecture(X.shape[1], len(np.unique(y))),
+                criterion=torch.nn.CrossEntropyLoss,
+                optimizer=torch.optim.Adam,
+                lr=1e-2,
+                max_epochs=max_epochs,
+                batch_size=256,
+                train_split=None,
+                verbose=0,
+            ).fit(X, y)
+        )
+    return members
 
 
 def forked_regressors(X, y, n_members=3, seed=0, **net_params):

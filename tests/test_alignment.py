@@ -15,6 +15,8 @@ from sk_softmerge import (
 )
 from sk_softmerge._alignment import permutation_spec, permute_state
 
+from conftest import independent_members as train_independent
+
 N_FEATURES = 12
 
 
@@ -370,23 +372,7 @@ def bn_mlp(n_features, n_classes):
 @pytest.fixture(scope="module")
 def independent_members(digits):
     """Members trained from different random initialisations."""
-    X, y = digits
-    members = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        members.append(
-            NeuralNetClassifier(
-                bn_mlp(X.shape[1], 10),
-                criterion=torch.nn.CrossEntropyLoss,
-                optimizer=torch.optim.Adam,
-                lr=1e-2,
-                max_epochs=5,
-                batch_size=256,
-                train_split=None,
-                verbose=0,
-            ).fit(X, y)
-        )
-    return members
+    return train_independent(*digits, bn_mlp)
 
 
 class TestEstimator:

@@ -16,7 +16,7 @@ from sk_softmerge.baselines import (
     UniformSoupClassifier,
 )
 
-from conftest import fork, forked_members, parameters_of
+from conftest import forked_members, parameters_of
 
 BASELINES = [
     BestMemberClassifier,
@@ -122,19 +122,7 @@ def batchnorm_module(n_features=64, n_classes=10):
 @pytest.fixture(scope="module")
 def batchnorm_members(digits):
     """Forks of one short training of a net with batch norm."""
-    X, y = digits
-    torch.manual_seed(0)
-    shared = NeuralNetClassifier(
-        batchnorm_module(),
-        criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.SGD,
-        lr=0.2,
-        max_epochs=2,
-        batch_size=64,
-        train_split=None,
-        verbose=0,
-    ).fit(X, y)
-    return fork(shared, X, y, n_members=3, seed=0, max_epochs=3)
+    return forked_members(*digits, architecture=batchnorm_module)
 
 
 @pytest.fixture(scope="module")

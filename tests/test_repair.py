@@ -5,13 +5,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from skorch import NeuralNetClassifier
 
 import sk_softmerge._estimator
 from sk_softmerge import SoftMerge, SoftMergeClassifier, align_modules
 from sk_softmerge._activations import unit_moments
 from sk_softmerge._repair import member_moments, repair_sites
 from sk_softmerge._training import learn_gates
+
+from conftest import independent_members as train_independent
 
 N_FEATURES = 6
 
@@ -199,29 +200,17 @@ class TestForward:
         assert not torch.equal(merger.log_alpha.detach(), start)
 
 
+def digits_mlp(n_features, n_classes):
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_features, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, n_classes),
+    )
+
+
 @pytest.fixture(scope="module")
 def independent(digits):
-    X, y = digits
-    nets = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        nets.append(
-            NeuralNetClassifier(
-                torch.nn.Sequential(
-                    torch.nn.Linear(X.shape[1], 32),
-                    torch.nn.ReLU(),
-                    torch.nn.Linear(32, 10),
-                ),
-                criterion=torch.nn.CrossEntropyLoss,
-                optimizer=torch.optim.Adam,
-                lr=1e-2,
-                max_epochs=4,
-                batch_size=256,
-                train_split=None,
-                verbose=0,
-            ).fit(X, y)
-        )
-    return nets
+    return train_independent(*digits, digits_mlp, max_epochs=4)
 
 
 class TestEstimator:
