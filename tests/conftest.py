@@ -22,6 +22,16 @@ def make_module(n_features=64, n_classes=10, softmax=False):
     return torch.nn.Sequential(*layers)
 
 
+def batchnorm_module(n_features, n_classes, hidden=N_HIDDEN):
+    """A one-hidden-layer net with batch norm before its activation."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_features, hidden),
+        torch.nn.BatchNorm1d(hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, n_classes),
+    )
+
+
 def fork(shared, X, y, n_members, seed, max_epochs):
     """Copies of the fitted net ``shared``, each trained on its own bootstrap."""
     rng = np.random.default_rng(seed)

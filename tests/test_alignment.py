@@ -1,6 +1,7 @@
 """Alignment of hidden units, batch-norm statistics, and align= in the estimator."""
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sk_softmerge import (
 )
 from sk_softmerge._alignment import permutation_spec, permute_state
 
+from conftest import batchnorm_module
 from conftest import independent_members as train_independent
 
 N_FEATURES = 12
@@ -360,19 +362,10 @@ class TestBatchNormStatistics:
         assert not torch.equal(fresh[2].running_mean, nets[1][2].running_mean)
 
 
-def bn_mlp(n_features, n_classes):
-    return torch.nn.Sequential(
-        torch.nn.Linear(n_features, 24),
-        torch.nn.BatchNorm1d(24),
-        torch.nn.ReLU(),
-        torch.nn.Linear(24, n_classes),
-    )
-
-
 @pytest.fixture(scope="module")
 def independent_members(digits):
     """Members trained from different random initialisations."""
-    return train_independent(*digits, bn_mlp)
+    return train_independent(*digits, partial(batchnorm_module, hidden=24))
 
 
 class TestEstimator:

@@ -16,7 +16,7 @@ from sk_softmerge.baselines import (
     UniformSoupClassifier,
 )
 
-from conftest import forked_members, parameters_of
+from conftest import batchnorm_module, forked_members, parameters_of
 
 BASELINES = [
     BestMemberClassifier,
@@ -108,15 +108,6 @@ def test_greedy_soup_leaves_out_a_nan_member(mixed, digits):
     assert np.isnan(
         UniformSoupClassifier([broken, *mixed]).fit(X, y).predict_proba(X)
     ).all()
-
-
-def batchnorm_module(n_features=64, n_classes=10):
-    return torch.nn.Sequential(
-        torch.nn.Linear(n_features, 16),
-        torch.nn.BatchNorm1d(16),
-        torch.nn.ReLU(),
-        torch.nn.Linear(16, n_classes),
-    )
 
 
 @pytest.fixture(scope="module")
