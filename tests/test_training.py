@@ -130,23 +130,44 @@ def test_learn_gates_is_adam_on_the_documented_objective(
     )
 
     reference = SoftMerge(modules, granularity="neuron", init_log_alpha=0.5)
-    optimizer = torch.optim.Adam([reference.log_alpha], lr=0.1)
+    curve, n_skipped = _reference_training(
+        reference, loss_fn, X, y, l0_weight, max_epochs=2, lr=0.1, batch_size=16
+    )
+    assert n_skipped == 0
+    torch.testing.assert_close(merger.log_alpha, reference.log_alpha)
+    np.testing.assert_allclose(result.loss_curve, curve, rtol=1e-5)
+
+
+def _reference_training(
+    reference, loss_fn, X, y, l0_weight, *, max_epochs, lr, batch_size
+):
+    """The documented objective learned with torch.optim.Adam, autograd's way,
+    over the steps whose loss and gradient are finite; shuffles and gate noise
+    (an epoch's at once) from a generator seeded 1, as the tests pass to
+    learn_gates. Returns the loss curve (means over the steps taken) and the
+    number of steps left out."""
+    optimizer = torch.optim.Adam([reference.log_alpha], lr=lr)
     generator = torch.Generator().manual_seed(1)
-    curve = []
-    for _ in range(2):
-        order = torch.randperm(50, generator=generator)
-        noise = logistic_noise((4, *reference.log_alpha.shape), generator)
-        total = 0.0
-        for step, batch in enumerate(order.split(16)):
+    n_batches = -(-X.shape[0] // batch_size)
+    curve, n_skipped = [], 0
+    for _ in range(max_epochs):
+        order = torch.randperm(X.shape[0], generator=generator)
+        noise = logistic_noise((n_batches, *reference.log_alpha.shape), generator)
+        total, n_seen = 0.0, 0
+        for step, batch in enumerate(order.split(batch_size)):
             output = reference(X[batch], gate_noise=noise[step])
             loss = loss_fn(output, y[batch]) + l0_weight * reference.penalty()
             optimizer.zero_grad()
             loss.backward()
+            grad = reference.log_alpha.grad
+            if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
+                n_skipped += 1
+                continue
             optimizer.step()
             total += loss.item() * len(batch)
-        curve.append(total / 50)
-    torch.testing.assert_close(merger.log_alpha, reference.log_alpha)
-    np.testing.assert_allclose(result.loss_curve, curve, rtol=1e-5)
+            n_seen += len(batch)
+        curve.append(total / n_seen)
+    return curve, n_skipped
 
 
 def _linear(weight):
@@ -287,26 +308,9 @@ def test_non_finite_steps_are_skipped(l0_weight):
     )
 
     reference = _overflowing_merger()
-    optimizer = torch.optim.Adam([reference.log_alpha], lr=0.1)
-    generator = torch.Generator().manual_seed(1)
-    curve, n_skipped = [], 0
-    for _ in range(3):
-        order = torch.randperm(100, generator=generator)
-        noise = logistic_noise((7, *reference.log_alpha.shape), generator)
-        total, n_seen = 0.0, 0
-        for step, batch in enumerate(order.split(16)):
-            output = reference(X[batch], gate_noise=noise[step])
-            loss = loss_fn(output, y[batch]) + l0_weight * reference.penalty()
-            optimizer.zero_grad()
-            loss.backward()
-            grad = reference.log_alpha.grad
-            if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
-                n_skipped += 1
-                continue
-            optimizer.step()
-            total += loss.item() * len(batch)
-            n_seen += len(batch)
-        curve.append(total / n_seen)
+    curve, n_skipped = _reference_training(
+        reference, loss_fn, X, y, l0_weight, max_epochs=3, lr=0.1, batch_size=16
+    )
     assert 0 < n_skipped < 21
     assert result.n_skipped_steps == n_skipped
     torch.testing.assert_close(merger.log_alpha, reference.log_alpha)
