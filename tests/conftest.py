@@ -1,7 +1,11 @@
 """Shared fixtures: small fitted skorch members, built once per test module."""
 
 import copy
+import os
+import subprocess
+import sys
 
+import joblib
 import numpy as np
 import pytest
 import torch
@@ -158,3 +162,20 @@ def check_refused(estimator, X, y, error, match):
     for member, state in zip(nets, before, strict=False):
         for name, value in member.module_.state_dict().items():
             assert torch.equal(value, state[name])
+
+
+def predict_without_cuda(model, method, X, tmp_path):
+    """``model.<method>(X)`` computed in a fresh Python process that sees no
+    GPU, after a joblib round trip through ``tmp_path``."""
+    path, inputs, outputs = (tmp_path / name for name in ("m.joblib", "X.npy", "y.npy"))
+    joblib.dump(model, path)
+    np.save(inputs, X)
+    script = (
+        "import joblib, numpy as np, torch; assert not torch.cuda.is_available();"
+        f"m = joblib.load({str(path)!r});"
+        f"np.save({str(outputs)!r}, m.{method}(np.load({str(inputs)!r})))"
+    )
+    # The same environment (where the packages are found), with no GPU.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+    return np.load(outputs)

@@ -1,10 +1,7 @@
 """SoftMergeClassifier: API, scikit-learn integration, devices, persistence."""
 
 import copy
-import os
 import pickle
-import subprocess
-import sys
 
 import joblib
 import numpy as np
@@ -21,7 +18,12 @@ from skorch import NeuralNet
 
 from sk_softmerge import SoftMergeClassifier
 
-from conftest import check_refused, forked_members, parameters_of
+from conftest import (
+    check_refused,
+    forked_members,
+    parameters_of,
+    predict_without_cuda,
+)
 
 # Layer gates: one per member and per Linear, the shapes asserted below.
 FAST = dict(max_epochs=2, random_state=0, validation_fraction=0, granularity="layer")
@@ -442,21 +444,9 @@ class TestCuda:
 
     def test_fitted_on_gpu_loads_without_cuda(self, members, digits, tmp_path):
         X, _ = digits
-        path = tmp_path / "gpu.joblib"
         merge = SoftMergeClassifier(members, device="cuda", **FAST).fit(*digits)
-        joblib.dump(merge, path)
-        np.save(tmp_path / "X.npy", X[:20])
-        np.save(tmp_path / "expected.npy", merge.predict(X[:20]))
-        script = (
-            "import joblib, numpy as np, torch; assert not torch.cuda.is_available();"
-            f"m = joblib.load({str(path)!r});"
-            f"X = np.load({str(tmp_path / 'X.npy')!r});"
-            f"e = np.load({str(tmp_path / 'expected.npy')!r});"
-            "assert (m.predict(X) == e).all()"
-        )
-        # The same environment (where the packages are found), with no GPU.
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        subprocess.run([sys.executable, "-c", script], check=True, env=env)
+        loaded = predict_without_cuda(merge, "predict", X[:20], tmp_path)
+        assert (loaded == merge.predict(X[:20])).all()
 
 
 def test_members_are_skorch_nets(members):

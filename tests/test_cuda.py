@@ -1,11 +1,6 @@
 """On a GPU: the same gates as on the CPU, and merges of GPU members that load
 without CUDA. Skipped without CUDA (CI has none); run where a GPU is lent."""
 
-import os
-import subprocess
-import sys
-
-import joblib
 import numpy as np
 import pytest
 import torch
@@ -14,6 +9,8 @@ from skorch import NeuralNetClassifier
 from sk_softmerge import SoftMerge, SoftMergeClassifier
 from sk_softmerge._gates import logistic_noise
 from sk_softmerge._training import Adam
+
+from conftest import predict_without_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -68,16 +65,9 @@ def test_merge_of_gpu_members_loads_without_cuda(digits, tmp_path):
     assert next(members[0].module_.parameters()).is_cuda
     merge = SoftMergeClassifier(members, max_epochs=2, random_state=0).fit(X, y)
     assert next(merge.merged_net_.module_.parameters()).is_cuda
-    path = tmp_path / "gpu.joblib"
-    joblib.dump(merge, path)
-    np.save(tmp_path / "X.npy", X[:50])
-    np.save(tmp_path / "expected.npy", merge.predict_proba(X[:50]))
-    script = (
-        "import joblib, numpy as np, torch; assert not torch.cuda.is_available();"
-        f"m = joblib.load({str(path)!r});"
-        f"X = np.load({str(tmp_path / 'X.npy')!r});"
-        f"e = np.load({str(tmp_path / 'expected.npy')!r});"
-        "np.testing.assert_allclose(m.predict_proba(X), e, rtol=1e-4, atol=1e-5)"
+    np.testing.assert_allclose(
+        predict_without_cuda(merge, "predict_proba", X[:50], tmp_path),
+        merge.predict_proba(X[:50]),
+        rtol=1e-4,
+        atol=1e-5,
     )
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env)
