@@ -443,19 +443,25 @@ def memory_scale_section(rows, command, breakdown):
         *breakdown,
         "```",
         "",
-        "The peak falls in the backward pass of a gate-training step: the stack, "
-        "the merged weights, the gradient of the 1000 x 1000 weight matrix (95% "
-        "of a member: autograd needs that matrix and forms its gradient in the "
-        "same node) and one batch's activations and their gradients. These "
-        "alone are 29.4 MiB, 1.46 stacks at K = 5, before any bookkeeping; the "
-        "rest is the reduction's index plan, a few steps' data and gate noise, "
-        "and the gates with their optimiser. Where the largest tensor is a "
-        "smaller share of a member, or with more members, the ratio is lower "
-        "(the rows above). Neither the data nor an epoch's gate noise is "
-        "copied whole, and evaluations run a few training batches at a time, "
-        "so that more samples add little (last row; before these changes, the "
-        "fit of that row peaked at 69.6 MiB, 3.47 stacks, with `max_epochs=1, "
-        "refit=False`).",
+        "The peak falls in the backward pass of a gate-training step, where "
+        "autograd gathers the merged weights' gradients into one flat buffer "
+        "(`cat`) while the gradient of the 1000 x 1000 weight matrix (95% of a "
+        "member) still exists: the stack plus about two members' worth. The "
+        "merged weights themselves are gone by then: the large `nn.Linear` "
+        "lets go of its merged weight once its input's gradient is formed, "
+        "before it forms the weight's gradient (`_fastmerge._LetGoLinear`); "
+        "autograd's own node holds both, which put the stack, the merged "
+        "weights, that gradient and a batch's activations together at 1.46 "
+        "stacks before any bookkeeping. The reduction's index plan is kept in "
+        "int16/int32 for a stack reduced in chunks, the data and gate noise "
+        "are prepared about one step at a time at this size, and the fixed "
+        "rules' one-member gates are expanded columns, not (K, units) "
+        "tensors. Where the largest tensor is a smaller share of a member, or "
+        "with more members, the ratio is lower (the rows above). Neither the "
+        "data nor an epoch's gate noise is copied whole, and evaluations run "
+        "a few training batches at a time, so that more samples add little "
+        "(last row; before these changes, the fit of that row peaked at 69.6 "
+        "MiB, 3.47 stacks, with `max_epochs=1, refit=False`).",
         SCALE_END,
     ]
     return "\n".join(lines)

@@ -134,10 +134,11 @@ def fixed_rules(
     """
     candidates = [Candidate("uniform average", average)]
     for row, member in enumerate(members):
-        alone = torch.zeros_like(average)
+        # One column, expanded: n_members values, not n_members x n_units.
+        alone = torch.zeros_like(average[:, :1])
         alone[row] = 1.0
         name = f"member {member}" if names is None else names[member]
-        candidates.append(Candidate(name, alone, member=member))
+        candidates.append(Candidate(name, alone.expand_as(average), member=member))
 
     def ingredients_gates(ingredients):
         mask = torch.zeros_like(average[:, :1])

@@ -86,13 +86,19 @@ class SoftMerge(torch.nn.Module):
     -----
     Memory: the stack ``theta`` holds every member's merged weights once
     (``n_members`` members' worth); nothing else of that size is kept. A
-    training step or an evaluation adds the merged weights, their gradient and
-    the reduction's chunked temporaries (see ``CHUNK_ELEMENTS`` in
-    :mod:`sk_softmerge._fastmerge`), about three to four members' worth in all;
-    screening and building the merged state dict add about two to three. A
-    default fit of ``SoftMergeClassifier`` therefore peaks near the stack plus
-    four members' worth and one training batch's activations (measured in
-    ``benchmarks/RESULTS.md``). The number of samples adds little: training
+    training step adds the merged weights and then their gradient, and the
+    reduction's temporaries, which ``CHUNK_ELEMENTS`` of
+    :mod:`sk_softmerge._fastmerge` bounds by half a member's worth. The merged
+    weights live until the last layer that needs them has formed its input's
+    gradient; a large ``nn.Linear`` lets go of its merged weight at that point,
+    before it forms the weight's gradient (``LET_GO_ELEMENTS``), so that for an
+    MLP the merged weights and the gradient of its largest layer never coexist.
+    The step's peak is then the gradient of every merged weight, gathered into
+    one buffer beside the largest weight's own: about two members' worth
+    (three where other layers hold the merged weights). A default fit of
+    ``SoftMergeClassifier`` of 1M weights and five members peaked at the stack
+    plus 2.2 members' worth, with one training batch's activations (measured
+    in ``benchmarks/RESULTS.md``). The number of samples adds little: training
     prepares its shuffled data and gate noise a few steps at a time, and
     evaluations run a few training batches at once.
 
@@ -146,13 +152,10 @@ class SoftMerge(torch.nn.Module):
         self._unit_rows = [torch.tensor(rows[n], dtype=torch.int32) for n in names]
         self.register_buffer("theta", theta, persistent=False)
         # The plan's tensors are buffers, so that they follow the merger's device.
-        plan = plan_blocks(self.unit_index, len(self.units))
+        plan = plan_blocks(self.unit_index, len(self.units), len(modules))
         self._block_size = plan.size
         for field in ("block_unit", "loose_index", "loose_unit"):
-            # int64: the int32 unit index would make every step's gathers and
-            # scatters convert their indices.
-            index = getattr(plan, field).long()
-            self.register_buffer(f"_{field}", index, persistent=False)
+            self.register_buffer(f"_{field}", getattr(plan, field), persistent=False)
         self.log_alpha = torch.nn.Parameter(
             torch.full(
                 (len(modules), len(self.units)),

@@ -40,7 +40,7 @@ class GateTraining:
     n_skipped_steps: int = 0
 
 
-STEP_CHUNK_ELEMENTS = 2**16
+STEP_CHUNK_ELEMENTS = 2**14
 """Shuffled samples, or gate noise, prepared at once during an epoch: a few
 steps' worth, not the epoch's, so that neither doubles the memory of a large
 data set or of many gates."""
@@ -173,11 +173,14 @@ def learn_gates(
                 l0, l0_slope = expected_l0_with_slope(log_alpha.detach())
                 grad.add_(l0_slope, alpha=penalty_scale)
                 penalties.append(l0.sum())
+                del l0, l0_slope
             # A sampled merge that overflows (a malicious member's gate drawn
             # open) gives no usable step: Adam skips it, without a sync.
             loss = loss.detach()
             skip = _not_finite(loss, grad)
             optimizer.step(grad, skip=skip)
+            # Not held through the next step's backward pass.
+            del output, grad
             losses.append(loss)
             skipped.append(skip)
         mean_loss, n_skipped = _epoch_summary(

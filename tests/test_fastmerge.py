@@ -1,5 +1,8 @@
 """The fast path against its specification, written out naively."""
 
+import copy
+import weakref
+
 import pytest
 import torch
 
@@ -62,7 +65,9 @@ class TestSpecification:
         merger = SoftMerge([net(seed) for seed in range(4)], granularity=granularity)
         theta, unit_index = merger.theta, merger.unit_index
         n_units = len(merger.units)
-        plan = plan_blocks(unit_index, n_units)
+        plan = plan_blocks(unit_index, n_units, n_members=4)
+        # Reduced in chunks, the plan's indices are compact (int16 here).
+        assert (plan.block_unit.dtype == torch.int16) == chunked
         generator = torch.Generator().manual_seed(0)
         log_alpha = torch.randn(4, n_units, generator=generator) * 2
         noise = logistic_noise((4, n_units), generator)
@@ -173,7 +178,20 @@ class TestPlanBlocks:
             plan.loose_index,
             torch.nonzero(straddling.repeat_interleave(plan.size)).flatten(),
         )
-        assert torch.equal(plan.loose_unit, merger.unit_index[plan.loose_index])
+        assert torch.equal(plan.loose_unit, merger.unit_index[plan.loose_index].long())
+
+    def test_a_stack_reduced_in_chunks_gets_compact_indices(self, monkeypatch):
+        """The same plan in the smallest types: int16 for this small net."""
+        merger = SoftMerge([net(seed) for seed in range(2)], granularity="neuron")
+        n_units = len(merger.units)
+        plan = plan_blocks(merger.unit_index, n_units, n_members=2)
+        monkeypatch.setattr(_fastmerge, "CHUNK_ELEMENTS", 1)
+        compact = plan_blocks(merger.unit_index, n_units, n_members=2)
+        assert plan.block_unit.dtype == plan.loose_index.dtype == torch.int64
+        for field in ("block_unit", "loose_index", "loose_unit"):
+            assert getattr(compact, field).dtype == torch.int16
+        for field in ("block_unit", "loose_index", "loose_unit"):
+            assert torch.equal(getattr(compact, field).long(), getattr(plan, field))
 
 
 class Tied(torch.nn.Module):
@@ -207,6 +225,78 @@ class TestTemplateBinding:
             bind((torch.randn(3, 3),), (torch.randn(4, 5),), {})
         after = dict(template.named_parameters(remove_duplicate=False))
         assert all(after[name] is tensor for name, tensor in before.items())
+
+
+class TestLetGoLinear:
+    """Large merged linear weights run through a node that lets go of the
+    weight before it forms the weight's gradient."""
+
+    @pytest.mark.parametrize("input_shape", [(5,), (4, 5), (2, 3, 5)])
+    @pytest.mark.parametrize("bias", [True, False])
+    @pytest.mark.parametrize("input_grad", [True, False])
+    def test_is_linear(self, input_shape, bias, input_grad):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(input_shape, generator=generator).requires_grad_(input_grad)
+        weight = torch.randn(3, 5, generator=generator, requires_grad=True)
+        b = torch.randn(3, generator=generator, requires_grad=True) if bias else None
+        inputs = [t for t in (x, weight, b) if t is not None and t.requires_grad]
+        results = []
+        for linear in (torch.nn.functional.linear, _fastmerge._LetGoLinear.apply):
+            out = linear(x, weight, b)
+            grads = torch.autograd.grad(out, inputs, torch.ones_like(out) + out)
+            results.append((out, *grads))
+        for fast, expected in zip(*results, strict=True):
+            torch.testing.assert_close(fast, expected)
+
+    def test_weight_is_let_go_before_its_gradient_is_formed(self, monkeypatch):
+        """The weight is alive for the input's gradient, gone for its own."""
+        leaf = torch.randn(3, 5, requires_grad=True)
+        weight = leaf * 1.0  # held by the node alone, as a merged weight is
+        alive = weakref.ref(weight)
+        x = torch.randn(4, 5, requires_grad=True)
+        out = _fastmerge._LetGoLinear.apply(x, weight, None)
+        del weight
+        seen = []  # at each product in the backward pass: weight alive?
+        matmul = torch.Tensor.__matmul__
+
+        def watched(a, b):
+            seen.append(alive() is not None)
+            return matmul(a, b)
+
+        monkeypatch.setattr(torch.Tensor, "__matmul__", watched)
+        out.sum().backward()
+        assert seen == [True, False]
+        assert leaf.grad is not None and x.grad is not None
+
+    @pytest.mark.parametrize("granularity", ["layer", "neuron"])
+    def test_merge_gradients_unchanged(self, granularity, monkeypatch):
+        """Through the merger, the same outputs and log-alpha gradients with
+        every linear weight let go as with none."""
+        x = torch.randn(4, 2, 6, generator=torch.Generator().manual_seed(0))
+        results = []
+        for elements in (1, 2**40):
+            monkeypatch.setattr(_fastmerge, "LET_GO_ELEMENTS", elements)
+            merger = SoftMerge(
+                [net(seed) for seed in range(3)], granularity=granularity
+            )
+            assert len(merger._binding.linears) == (2 if elements == 1 else 0)
+            generator = torch.Generator().manual_seed(1)
+            noise = logistic_noise(merger.log_alpha.shape, generator)
+            out = merger(x, gate_noise=noise)
+            (grad,) = torch.autograd.grad(out.square().sum(), merger.log_alpha)
+            results.append((out, grad))
+        torch.testing.assert_close(*[r[0] for r in results])
+        torch.testing.assert_close(*[r[1] for r in results])
+
+    def test_template_forward_restored_when_the_call_raises(self, monkeypatch):
+        monkeypatch.setattr(_fastmerge, "LET_GO_ELEMENTS", 1)
+        template = Tied()
+        bind = TemplateBinding(template, ["encoder.weight"], [])
+        assert bind.linears == [template.encoder]
+        with pytest.raises(RuntimeError):
+            bind((torch.randn(3, 3),), (torch.randn(4, 5),), {})
+        assert "forward" not in vars(template.encoder)
+        copy.deepcopy(template)  # nothing of the call is left to copy
 
 
 def test_sampled_backward_keeps_no_stack_sized_temporary():
