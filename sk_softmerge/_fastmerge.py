@@ -525,6 +525,7 @@ class TemplateBinding:
             if (
                 key == "weight"
                 and type(owner).forward is torch.nn.Linear.forward
+                and "forward" not in vars(owner)  # no forward of its own
                 and store[key].numel() >= LET_GO_ELEMENTS
             ):
                 self.linears.append(owner)

@@ -298,6 +298,14 @@ class TestLetGoLinear:
         assert "forward" not in vars(template.encoder)
         copy.deepcopy(template)  # nothing of the call is left to copy
 
+    def test_a_linear_with_a_forward_of_its_own_keeps_it(self, monkeypatch):
+        monkeypatch.setattr(_fastmerge, "LET_GO_ELEMENTS", 1)
+        template = torch.nn.Linear(3, 2)
+        template.forward = lambda x: torch.zeros(len(x), 2)
+        bind = TemplateBinding(template, ["weight"], [])
+        assert bind.linears == []
+        assert bind((torch.ones(2, 3),), (torch.ones(4, 3),), {}).eq(0).all()
+
 
 def test_sampled_backward_keeps_no_stack_sized_temporary():
     """With the sample inside the node, only the stack itself is stack-sized
