@@ -6,7 +6,7 @@ import pytest
 import torch
 from skorch import NeuralNetClassifier
 
-from sk_softmerge import SoftMerge, SoftMergeClassifier
+from sk_softmerge import SoftMerge, SoftMergeClassifier, _fastmerge
 from sk_softmerge._gates import logistic_noise
 from sk_softmerge._training import Adam
 
@@ -26,7 +26,13 @@ def mlp(seed):
     )
 
 
-def test_same_gates_on_cpu_and_gpu(digits):
+@pytest.mark.parametrize("path", ["small", "large"])
+def test_same_gates_on_cpu_and_gpu(digits, path, monkeypatch):
+    """Also along a large stack's path: the reduction in chunks with compact
+    indices, and the linear layers letting go of their merged weights."""
+    if path == "large":
+        monkeypatch.setattr(_fastmerge, "CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(_fastmerge, "LET_GO_ELEMENTS", 1)
     X, y = (torch.as_tensor(a) for a in digits)
     members = [mlp(seed) for seed in range(3)]
     generator = torch.Generator().manual_seed(0)
@@ -34,6 +40,7 @@ def test_same_gates_on_cpu_and_gpu(digits):
     log_alphas = {}
     for device in ("cpu", "cuda"):
         merger = SoftMerge(members, granularity="neuron", device=device)
+        assert bool(merger._binding.linears) == (path == "large")
         noise = logistic_noise(
             (STEPS, *merger.log_alpha.shape), torch.Generator().manual_seed(1)
         ).to(device)
