@@ -577,7 +577,13 @@ class _LetGoLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_input = grad_weight = grad_bias = None
-        if ctx.weight is not None:
+        if ctx.needs_input_grad[0]:
+            if ctx.weight is None:
+                raise RuntimeError(
+                    "A merged linear layer let go of its weight in an earlier "
+                    "backward pass; backward runs through a merge once "
+                    "(retain_graph=True is not supported)."
+                )
             grad_input = grad @ ctx.weight
             ctx.weight = None
         grad_rows = grad.reshape(-1, grad.shape[-1])

@@ -268,6 +268,15 @@ class TestLetGoLinear:
         assert seen == [True, False]
         assert leaf.grad is not None and x.grad is not None
 
+    def test_a_second_backward_pass_is_refused(self):
+        """Never a silently missing gradient: the weight is gone."""
+        weight = torch.randn(3, 5, requires_grad=True) * 1.0
+        x = torch.randn(4, 5, requires_grad=True)
+        out = _fastmerge._LetGoLinear.apply(x, weight, None).sum()
+        out.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="let go of its weight"):
+            out.backward()
+
     @pytest.mark.parametrize("granularity", ["layer", "neuron"])
     def test_merge_gradients_unchanged(self, granularity, monkeypatch):
         """Through the merger, the same outputs and log-alpha gradients with
