@@ -115,37 +115,42 @@ def test_learn_gates_is_adam_on_the_documented_objective(
         for _ in range(2)
     ]
     X, y = torch.randn(50, 3), torch.randint(0, 2, (50,))
-    loss_fn = torch.nn.functional.cross_entropy
-    merger = SoftMerge(modules, granularity="neuron", init_log_alpha=0.5)
-    result = learn_gates(
-        merger,
-        loss_fn,
+    merger, result, reference, curve, n_skipped = _learned_and_reference(
+        lambda: SoftMerge(modules, granularity="neuron", init_log_alpha=0.5),
+        torch.nn.functional.cross_entropy,
         X,
         y,
-        l0_weight=l0_weight,
+        l0_weight,
         max_epochs=2,
-        lr=0.1,
-        batch_size=16,
-        generator=torch.Generator().manual_seed(1),
-    )
-
-    reference = SoftMerge(modules, granularity="neuron", init_log_alpha=0.5)
-    curve, n_skipped = _reference_training(
-        reference, loss_fn, X, y, l0_weight, max_epochs=2, lr=0.1, batch_size=16
     )
     assert n_skipped == 0
     torch.testing.assert_close(merger.log_alpha, reference.log_alpha)
     np.testing.assert_allclose(result.loss_curve, curve, rtol=1e-5)
 
 
-def _reference_training(
-    reference, loss_fn, X, y, l0_weight, *, max_epochs, lr, batch_size
+def _learned_and_reference(
+    make_merger, loss_fn, X, y, l0_weight, *, max_epochs, lr=0.1, batch_size=16
 ):
-    """The documented objective learned with torch.optim.Adam, autograd's way,
-    over the steps whose loss and gradient are finite; shuffles and gate noise
-    (an epoch's at once) from a generator seeded 1, as the tests pass to
-    learn_gates. Returns the loss curve (means over the steps taken) and the
-    number of steps left out."""
+    """``learn_gates`` on one merger from ``make_merger``, and on another the
+    documented objective learned with torch.optim.Adam, autograd's way, over
+    the steps whose loss and gradient are finite: the same shuffles and gate
+    noise (the reference draws an epoch's at once), from generators seeded
+    alike. Returns the learned merger, its result, the reference, the
+    reference's loss curve (means over the steps taken) and the number of
+    steps it left out."""
+    merger = make_merger()
+    result = learn_gates(
+        merger,
+        loss_fn,
+        X,
+        y,
+        l0_weight=l0_weight,
+        max_epochs=max_epochs,
+        lr=lr,
+        batch_size=batch_size,
+        generator=torch.Generator().manual_seed(1),
+    )
+    reference = make_merger()
     optimizer = torch.optim.Adam([reference.log_alpha], lr=lr)
     generator = torch.Generator().manual_seed(1)
     n_batches = -(-X.shape[0] // batch_size)
@@ -167,7 +172,7 @@ def _reference_training(
             total += loss.item() * len(batch)
             n_seen += len(batch)
         curve.append(total / n_seen)
-    return curve, n_skipped
+    return merger, result, reference, curve, n_skipped
 
 
 def _linear(weight):
@@ -293,23 +298,8 @@ def test_non_finite_steps_are_skipped(l0_weight):
     steps whose loss and gradient are finite; the others leave no trace."""
     X = torch.randn(100, 1, generator=torch.Generator().manual_seed(0))
     y = 0.8 * X
-    loss_fn = torch.nn.functional.mse_loss
-    merger = _overflowing_merger()
-    result = learn_gates(
-        merger,
-        loss_fn,
-        X,
-        y,
-        l0_weight=l0_weight,
-        max_epochs=3,
-        lr=0.1,
-        batch_size=16,
-        generator=torch.Generator().manual_seed(1),
-    )
-
-    reference = _overflowing_merger()
-    curve, n_skipped = _reference_training(
-        reference, loss_fn, X, y, l0_weight, max_epochs=3, lr=0.1, batch_size=16
+    merger, result, reference, curve, n_skipped = _learned_and_reference(
+        _overflowing_merger, torch.nn.functional.mse_loss, X, y, l0_weight, max_epochs=3
     )
     assert 0 < n_skipped < 21
     assert result.n_skipped_steps == n_skipped
