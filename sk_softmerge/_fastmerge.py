@@ -292,17 +292,19 @@ def plan_blocks(
     common = math.gcd(n_weights, *boundaries.tolist())
     sizes = {*BLOCK_SIZES, common} if common >= min(BLOCK_SIZES) else BLOCK_SIZES
 
-    def purity(size):  # whether each block of this length lies in one unit
+    # For every length, whether each block of it lies in one unit.
+    purity = {}
+    for size in sizes:
         blocks = unit_index.view(-1, size)
-        return (blocks == blocks[:, :1]).all(1)
+        purity[size] = (blocks == blocks[:, :1]).all(1)
 
     def cost(size):  # ties go to the longer blocks
-        n_loose = int((~purity(size)).sum()) * size
+        n_loose = int((~purity[size]).sum()) * size
         n_blocks = n_weights // size
         return n_blocks + LOOSE_COST * n_loose + LOOSE_OVERHEAD * (n_loose > 0), -size
 
     size = min(sizes, key=cost)
-    pure = purity(size)
+    pure = purity[size]
     straddling = torch.nonzero(~pure).flatten()
     offsets = torch.arange(size, device=unit_index.device)
     loose_index = (straddling[:, None] * size + offsets).flatten()
@@ -439,7 +441,7 @@ def _mix(weights: torch.Tensor, theta: torch.Tensor, plan: BlockPlan) -> torch.T
     n_blocks = blocks.shape[1]
     step = chunk_blocks(theta.shape[0], n_blocks, plan.size)
     if step == n_blocks:
-        block_weights = weights.index_select(1, plan.block_unit).unsqueeze(-1)
+        block_weights = weights.index_select(1, _long(plan.block_unit)).unsqueeze(-1)
         flat = (blocks * block_weights).sum(0).view(-1)
     else:
         flat = theta.new_empty(n_blocks, plan.size)
