@@ -144,6 +144,37 @@ def member_forward(
     state = {
         k: v.detach().to(device, copy=True) for k, v in module.state_dict().items()
     }
+    return state_forward(template, state)
+
+
+def state_forward(
+    template: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """Forward function of the weights and buffers ``state`` run in
+    ``template`` (:func:`torch.func.functional_call`); it takes the module's
+    positional and keyword inputs.
+
+    Parameters
+    ----------
+    template : torch.nn.Module
+        A module of the architecture, in the mode to evaluate in.
+    state : dict of str to torch.Tensor
+        A state dict of that architecture, on the template's device; buffers
+        that a template in training mode updates are updated in it.
+
+    Returns
+    -------
+    forward : callable
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._evaluation import state_forward
+    >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    >>> x = torch.ones(1, 2)
+    >>> torch.equal(state_forward(a, b.state_dict())(x), b(x))
+    True
+    """
 
     def forward(*args, **kwargs):
         return functional_call(template, state, args, kwargs)

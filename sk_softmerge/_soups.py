@@ -15,11 +15,10 @@ from functools import partial
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, _fit_context
-from torch.func import functional_call
 
 from ._base import weighted_samples
 from ._candidates import greedy_soup
-from ._evaluation import member_forward, weighted
+from ._evaluation import member_forward, state_forward, weighted
 from ._inputs import check_forward, to_device
 from ._merging import SoftMerge
 from ._tasks import prediction_function
@@ -122,12 +121,9 @@ class GreedySoup(SoupBase):
         def soup_score(ingredients):
             # As the soup would predict: the plain net in eval mode, with the
             # batch-norm statistics recomputed on X that merged_net_ gets.
-            state = self._soup_state(nets, ingredients, X)
-
-            def forward(*args, **kwargs):
-                return functional_call(template, state, args, kwargs)
-
-            return score(forward)
+            return score(
+                state_forward(template, self._soup_state(nets, ingredients, X))
+            )
 
         member_scores = [score(member_forward(template, net.module_)) for net in nets]
         self.ingredients_, self.score_ = greedy_soup(member_scores, soup_score)
