@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
-from ._inputs import is_dict, to_device
+from ._evaluation import state_forward
+from ._inputs import call, to_device
 
 BATCH_SIZE = 512
 """Samples per forward pass when activations are measured."""
@@ -157,10 +157,7 @@ class Recorder:
         (on the copy's device)."""
         captured: dict = {}
         with self._hooks(captured):
-            if is_dict(X):
-                functional_call(self.template, state_dict, (), dict(X))
-            else:
-                functional_call(self.template, state_dict, (X,))
+            call(state_forward(self.template, state_dict), X)
         return [captured[(site.module, site.where)] for site in self.sites]
 
     def batches(self, X, batch_size: int = BATCH_SIZE) -> Iterator[torch.Tensor]:
