@@ -16,6 +16,8 @@ import torch
 
 from ._evaluation import choose_lowest_loss
 
+GREEDY_SOUP = "greedy soup"
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -132,6 +134,21 @@ def fixed_rules(
     >>> rules[-1].gates[:, 0]
     tensor([0., 1., 1.])
     """
+    return _rules_and_soup(average, members, member_scores, soup_score, names)[0]
+
+
+def _rules_and_soup(average, members, member_scores, soup_score, names):
+    """:func:`fixed_rules`, and the candidate the greedy soup amounts to."""
+    candidates = _data_free_rules(average, members, names)
+    soup = greedy_soup_rule(candidates, member_scores, soup_score)
+    if soup.name == GREEDY_SOUP:
+        candidates.append(soup)
+    return candidates, soup
+
+
+def _data_free_rules(average, members, names) -> list[Candidate]:
+    """The uniform average and every member alone: the rules that no data
+    choose."""
     candidates = [Candidate("uniform average", average)]
     for row, member in enumerate(members):
         # One column, expanded: n_members values, not n_members x n_units.
@@ -139,6 +156,41 @@ def fixed_rules(
         alone[row] = 1.0
         name = f"member {member}" if names is None else names[member]
         candidates.append(Candidate(name, alone.expand_as(average), member=member))
+    return candidates
+
+
+def greedy_soup_rule(
+    candidates: Sequence[Candidate],
+    member_scores: Sequence[float],
+    soup_score: Callable[[torch.Tensor], float],
+) -> Candidate:
+    """The greedy soup over the members of ``candidates``, as a candidate.
+
+    Parameters
+    ----------
+    candidates : sequence of Candidate
+        The uniform average, then every member alone, in the order of the
+        rows (as :func:`fixed_rules` lists them).
+    member_scores : sequence of float
+        Score of every member alone, in the order of the rows.
+    soup_score : callable
+        ``soup_score(gates)``: score of the merge with the given gates.
+
+    Returns
+    -------
+    soup : Candidate
+        ``"greedy soup"``, or the candidate it amounts to: the member alone
+        when no other joined it, the uniform average when every member did.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._candidates import fixed_rules, greedy_soup_rule
+    >>> rules = fixed_rules(torch.ones(2, 1), [0, 1], [0.5, 0.9], lambda g: 0.1)
+    >>> greedy_soup_rule(rules, [0.5, 0.9], lambda g: -g.sum()).name
+    'member 1'
+    """
+    average = candidates[0].gates
 
     def ingredients_gates(ingredients):
         mask = torch.zeros_like(average[:, :1])
@@ -148,11 +200,12 @@ def fixed_rules(
     ingredients, _ = greedy_soup(
         member_scores, lambda ingredients: soup_score(ingredients_gates(ingredients))
     )
+    if len(ingredients) == 1:
+        return candidates[1 + ingredients[0]]
     soup = ingredients_gates(ingredients)
-    # One ingredient is a member alone; the average's gates are the average.
-    if len(ingredients) > 1 and not torch.equal(soup, average):
-        candidates.append(Candidate("greedy soup", soup))
-    return candidates
+    if torch.equal(soup, average):
+        return candidates[0]
+    return Candidate(GREEDY_SOUP, soup)
 
 
 def choose_start(
@@ -192,3 +245,90 @@ def choose_start(
         {c.name: losses[c.name] for c in candidates}, candidates[0].name
     )
     return next(candidate for candidate in candidates if candidate.name == name)
+
+
+class RuleBook:
+    """Every fixed rule's per-sample errors on one set of samples, and the
+    rules that any subset of those samples chooses.
+
+    Members' and soups' errors do not depend on which samples choose among
+    them: each is computed once, on every sample (a soup when first asked
+    for), so that the fixed rules of every cross-fitting fold and of the
+    final fit cost one evaluation each.
+
+    Parameters
+    ----------
+    average : torch.Tensor of shape (n_members, n_units)
+        Gates of the uniform average.
+    members : sequence of int
+        Position in ``estimators`` of every row of ``average``.
+    member_errors : sequence of ndarray or None
+        Per-sample errors of every member alone, in the order of the rows
+        (``None``: the member does not predict).
+    soup_errors : callable
+        ``soup_errors(gates)``: per-sample errors of the merge with the given
+        gates, or ``None``.
+    score : callable
+        ``score(errors)``: the score that errors amount to (higher is better).
+    names : sequence of str, default=None
+        Name of every estimator; ``None`` names them ``"member i"``.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from sk_softmerge._candidates import RuleBook
+    >>> book = RuleBook(torch.ones(2, 1), [0, 1],
+    ...                 [np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 1.0])],
+    ...                 lambda gates: np.array([0.0, 0.0, gates.sum() > 1]),
+    ...                 lambda errors: 1 - errors.mean())
+    >>> candidates, errors, soup = book.rules(np.array([1, 2]))
+    >>> [c.name for c in candidates], soup.name
+    (['uniform average', 'member 0', 'member 1'], 'member 0')
+    >>> errors["member 1"]
+    array([1., 1.])
+    """
+
+    def __init__(self, average, members, member_errors, soup_errors, score, names=None):
+        self._average, self._members, self._names = average, members, names
+        self._member_errors = list(member_errors)
+        self._soup_errors, self._score = soup_errors, score
+        self._soups: dict[bytes, np.ndarray | None] = {}
+
+    def data_free_rules(self) -> list[Candidate]:
+        """The uniform average and every member alone: the rules whose errors
+        do not depend on the samples that choose among the rules."""
+        return _data_free_rules(self._average, self._members, self._names)
+
+    def errors(self, candidate: Candidate, index=None) -> np.ndarray | None:
+        """Per-sample errors of ``candidate`` on the samples ``index`` (all
+        when ``None``); ``None`` when it does not predict."""
+        if candidate.member is not None:
+            found = self._member_errors[self._members.index(candidate.member)]
+        else:
+            key = candidate.gates.cpu().numpy().tobytes()
+            if key not in self._soups:
+                self._soups[key] = self._soup_errors(candidate.gates)
+            found = self._soups[key]
+        return _subset(found, index)
+
+    def rules(self, index=None) -> tuple[list[Candidate], dict, Candidate]:
+        """The fixed rules chosen on the samples ``index`` (all when
+        ``None``), as :func:`fixed_rules` gives them, every rule's errors on
+        those samples by name, and the candidate the greedy soup amounts to."""
+
+        def score(candidate):
+            return self._score(self.errors(candidate, index))
+
+        def soup_score(gates):
+            return score(Candidate(GREEDY_SOUP, gates))
+
+        member_scores = [self._score(_subset(e, index)) for e in self._member_errors]
+        candidates, soup = _rules_and_soup(
+            self._average, self._members, member_scores, soup_score, self._names
+        )
+        errors = {c.name: self.errors(c, index) for c in candidates}
+        return candidates, errors, soup
+
+
+def _subset(errors: np.ndarray | None, index) -> np.ndarray | None:
+    return errors if errors is None or index is None else errors[index]

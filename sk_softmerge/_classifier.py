@@ -31,9 +31,9 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         Larger values close more gates, so that fewer members carry each unit;
         ``0`` (the default, the most accurate in our benchmarks) lets the task
         loss alone decide. See *Choosing l0_weight* in the Notes.
-    max_epochs : int, default=60
+    max_epochs : int, default=12
         Passes over the training data.
-    lr : float, default=5e-2
+    lr : float, default=0.2
         Adam learning rate of the gates' log-alphas.
     batch_size : int, default=128
         Samples per gradient step.
@@ -46,18 +46,28 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         Name patterns (shell-style, as in :mod:`fnmatch`) of the modules or
         parameters to merge, e.g. ``["0", "2.weight"]``; the rest is copied from
         the reference member. ``None`` merges everything.
+    cv : int, cross-validation generator, iterable or None, default=2
+        How the learned gates are checked: by cross-fitting. On each fold of
+        ``cv`` (what :func:`~sklearn.model_selection.check_cv` takes: an int
+        gives that many unshuffled ``StratifiedKFold`` folds), the gates learn on
+        the other folds, from the fixed rule those choose, and the gates of
+        every epoch and every fixed rule are scored on the fold left out. The
+        pooled out-of-fold losses choose the number of epochs, the pooled
+        out-of-fold errors whether the learned merge or a fixed rule is kept
+        (see Notes); the final gates then learn on all of ``(X, y)`` for that
+        many epochs. Every sample both teaches the gates and checks them.
+        ``None`` holds out ``validation_fraction`` instead.
     validation_fraction : float, default=0.2
-        Fraction of ``(X, y)`` held out, stratified, to choose the fixed rule
-        the gates start from (uniform average, a member alone, greedy soup),
-        the epoch to keep, and to compare the learned merge with every fixed
-        rule. When one is significantly more accurate than the merge there
-        (see Notes), ``fit`` warns and falls back to it; a member is then
-        reproduced exactly. ``0`` trains on all data and compares nothing.
+        With ``cv=None``: the fraction of ``(X, y)`` held out, stratified, to
+        choose the fixed rule the gates start from (uniform average, a member
+        alone, greedy soup), the epoch to keep, and to compare the learned
+        merge with every fixed rule. ``0`` trains on all data and compares
+        nothing.
     n_iter_no_change : int or None, default=20
         Stop learning the gates once this many epochs in a row brought no new
         lowest loss on the held-out part (as scikit-learn's ``MLPClassifier``
-        does); ``None`` runs all ``max_epochs``. No effect with
-        ``validation_fraction=0``.
+        does); ``None`` runs all ``max_epochs``. Only with ``cv=None`` and a
+        held-out part.
     align : {None, "weight_matching", "activation_matching"}, default=None
         ``None`` assumes the members share one basin (forked from one training,
         or fine-tuned from one checkpoint). Members trained from different
@@ -79,7 +89,8 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         them again from the same start on all of ``(X, y)`` for the number of
         epochs that the held-out part chose (``best_epoch_``), so that the
         held-out samples train the gates too. ``False`` keeps the gates that
-        the held-out part checked. No effect with ``validation_fraction=0``.
+        the held-out part checked. Only with ``cv=None`` and a held-out part
+        (cross-fitting always learns the final gates on all the data).
     device : str, default="auto"
         Where the gates are learned: ``"auto"`` (CUDA when available), ``"cpu"``,
         ``"cuda"`` or ``"cuda:N"``.
@@ -108,12 +119,13 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         A fitted net of the members' class and parameters holding the merged
         weights; it can be used on its own.
     validation_scores_ : dict of str to float or None
-        Validation accuracy of ``"soft merge"`` (the gates checked there),
+        Out-of-fold accuracy (with ``cv``; on the held-out part with
+        ``cv=None``) of ``"soft merge"`` (the gates checked there),
         ``"uniform average"``, every member that was not excluded (by name,
         ``"member i"`` when unnamed) and ``"greedy soup"`` (when it is neither
-        one member nor the average);
+        one member nor the average, on some fold);
         ``-1`` for a candidate whose probabilities are not finite; ``None``
-        when ``validation_fraction=0``.
+        when ``cv=None`` and ``validation_fraction=0``.
     selected_ : str
         Which candidate ``merged_net_`` holds: ``"soft merge"`` (the learned
         gates, or their start when no epoch beat it) unless ``fit`` fell back
@@ -133,19 +145,27 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         skipped (see ``n_skipped_steps_``); ``nan`` for an epoch whose every
         step was skipped.
     validation_loss_curve_ : list of float
-        Task loss of the merge on the validation data before training and after
-        every epoch; empty when ``validation_fraction=0``.
+        Task loss of the merge before learning and after every epoch: pooled
+        out of fold with ``cv``, on the held-out part with ``cv=None``; empty
+        when ``cv=None`` and ``validation_fraction=0``.
+    cv_results_ : dict or None
+        With ``cv``, per fold: ``"start"``, the fixed rule the fold's gates
+        started from; ``"validation_loss_curve"``, an array of shape
+        ``(n_folds, max_epochs + 1)`` of the fold's out-of-fold task loss per
+        epoch; ``"scores"``, for each key of ``validation_scores_``, an array
+        of the folds' scores. ``None`` with ``cv=None``.
     start_ : str
         The fixed rule gate learning started from: ``"uniform average"`` (of
         the members not screened), ``"greedy soup"`` or a member alone
         (``"member i"`` or its name)
         (see Notes).
     best_epoch_ : int
-        Epoch whose gates were kept: the one with the lowest validation loss
-        if significantly lower than the start's, else ``0`` (the start); the
-        last epoch without validation.
+        Epochs of learning kept: those of the lowest out-of-fold (or
+        held-out) loss if significantly lower than the start's, else ``0``
+        (the start); ``max_epochs`` without any check.
     n_iter_ : int
-        Number of epochs run.
+        Number of epochs of the final learning of the gates (of
+        ``loss_curve_``).
     n_skipped_steps_ : int
         Steps of gate learning skipped because their loss or gradient was not
         finite (a sampled merge that overflows, such as an extreme member's
@@ -172,23 +192,30 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
 
     *Training.* The gates start from a fixed rule: the uniform average (every
     gate open, log-alpha 3), unless a member alone or the greedy soup (members
-    added in order of validation accuracy while it does not drop; Wortsman et
-    al., 2022) is significantly more accurate on the held-out part (the test of
-    *Validation* below); then that rule's gates start open and all others
-    closed (log-alpha -3). Without a held-out part, the rules are compared on at
-    most 1,024 training samples. The objective is the members' own loss
+    added in order of accuracy while it does not drop; Wortsman et al., 2022)
+    is significantly more accurate on at most 1,024 of the training samples
+    (the test of *Validation* below); then that rule's gates start open and
+    all others closed (log-alpha -3). The objective is the members' own loss
     (``CrossEntropyLoss`` on logits, ``NLLLoss`` on the probabilities of a module
     ending in softmax, ``BCEWithLogitsLoss`` on the one logit of a
     ``NeuralNetBinaryClassifier``; any other criterion is replaced by the
     negative log likelihood of the predicted probabilities) plus ``l0_weight``
     times the mean expected L0 norm of all gates; dividing by the number of gates
     keeps one scale of ``l0_weight`` for every architecture and number of
-    members. The gates of the epoch with the lowest held-out loss are kept if
-    their per-sample held-out losses are significantly lower than the start's
-    (the one-sided paired test of *Validation*, on the task loss); otherwise
-    the start is kept (``best_epoch_ == 0``), and the merge is that fixed rule.
-    With ``refit=True``, kept gates are then learned again from the same start
-    on all of ``(X, y)`` for ``best_epoch_`` epochs.
+    members.
+
+    *Cross-fitting.* With ``cv``, that procedure (choose the start, learn the
+    gates) runs on the training folds of every split, and the deterministic
+    merge after every epoch is scored on the fold left out. The epoch of lowest
+    pooled out-of-fold task loss is kept if its per-sample losses are
+    significantly lower than the start's (the test of *Validation*, on the task
+    loss), else the start (``best_epoch_ == 0``). The merge of that epoch is
+    then checked against every fixed rule on the pooled out-of-fold errors, and
+    the final gates learn on all of ``(X, y)`` by the same procedure for
+    ``best_epoch_`` epochs. Every sample thus teaches the final gates and takes
+    part in the check. With ``cv=None``, the start, the epoch and the check are
+    decided on a held-out ``validation_fraction`` instead, and with
+    ``refit=True`` confirmed gates are learned again on all of ``(X, y)``.
 
     *Choosing l0_weight.* The penalty buys sparser gates (fewer members carry
     each unit) at some accuracy: ``0`` (the default) lets the task loss alone
@@ -212,13 +239,13 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
     and, for a ``NeuralNetBinaryClassifier``, predicts class 1 above its
     ``threshold``, as the members do.
 
-    *Validation.* On the held-out part, the learned merge is compared with
-    every fixed rule: the uniform average, every member and the greedy soup. A
-    candidate replaces the merge only if it is
+    *Validation.* Out of fold (on the held-out part with ``cv=None``), the
+    learned merge is compared with every fixed rule: the uniform average, every
+    member and the greedy soup. A candidate replaces the merge only if it is
     significantly more accurate on the same samples: the samples only it gets
     right must outnumber those only the merge gets right by more than twice
     the square root of their sum (a one-sided McNemar test at two sigma), so
-    the noise of a small validation set, searched over several candidates, does
+    the noise of the validation samples, searched over several candidates, does
     not trade the merge for a member that is no better. Validation data that
     the members were trained on favours them (they memorised it): for the
     fairest check, fit on data some or all members did not see.

@@ -9,7 +9,10 @@ learning, the check with its fallback, the refit and building the merged net
 are here, once.
 """
 
+import os
+import sys
 import warnings
+from collections.abc import Callable
 from functools import partial
 from numbers import Integral, Real
 from typing import NamedTuple
@@ -17,11 +20,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, _fit_context
+from sklearn.model_selection import check_cv
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._base import weighted_samples
-from ._candidates import Candidate, choose_start, fixed_rules
+from ._candidates import GREEDY_SOUP, Candidate, RuleBook, choose_start
+from ._crossfit import cross_fit, fold_summary
 from ._devices import resolve_device
 from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss, weighted
 from ._export import save_merged
@@ -30,8 +35,8 @@ from ._matching import ALIGNMENTS, align_modules
 from ._merging import SoftMerge
 from ._repair import member_moments, repair_sites
 from ._screening import nonfinite_members, screen
-from ._tasks import prediction_function
-from ._training import learn_gates
+from ._tasks import ClassificationTask, Task, prediction_function
+from ._training import GateTraining, learn_gates, per_sample_task_losses
 
 INIT_LOG_ALPHA = 3.0
 """Magnitude of the starting log-alphas: open gates of the starting rule start
@@ -61,6 +66,7 @@ class _SoftMergeBase(BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "granularity": [StrOptions({"layer", "tensor", "neuron"})],
         "merge": [None, str, list, tuple],
+        "cv": [None, Interval(Integral, 2, None, closed="left"), "cv_object"],
         "validation_fraction": [Interval(Real, 0, 1, closed="left")],
         "n_iter_no_change": [None, Interval(Integral, 1, None, closed="left")],
         "align": [None, StrOptions(set(ALIGNMENTS))],
@@ -76,11 +82,12 @@ class _SoftMergeBase(BaseEstimator):
         estimators,
         *,
         l0_weight=0.0,
-        max_epochs=60,
-        lr=5e-2,
+        max_epochs=12,
+        lr=0.2,
         batch_size=128,
         granularity="neuron",
         merge=None,
+        cv=2,
         validation_fraction=0.2,
         n_iter_no_change=20,
         align=None,
@@ -97,6 +104,7 @@ class _SoftMergeBase(BaseEstimator):
         self.batch_size = batch_size
         self.granularity = granularity
         self.merge = merge
+        self.cv = cv
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.align = align
@@ -158,55 +166,176 @@ class _SoftMergeBase(BaseEstimator):
         generator = torch.Generator(device=device).manual_seed(
             int(random_state.randint(np.iinfo(np.int32).max))
         )
-        evaluate = _evaluation(
-            task, nets[reference], data, generator, EVALUATION_BATCHES * self.batch_size
-        )
-        names = list(self.named_estimators_)
-        candidates, errors = _fixed_rules(
-            task, merger, average, nets, rows, evaluate, names
-        )
-        start = choose_start(candidates, errors)
-        learn = partial(
-            learn_gates,
-            merger,
-            task.loss_function(nets[reference], device),
-            l0_weight=self.l0_weight,
-            lr=self.lr,
-            batch_size=self.batch_size,
+        fit = _Fit(
+            task=task,
+            merger=merger,
+            loss=task.loss_function(nets[reference], device),
+            predict=prediction_function(nets[reference]),
+            data=data,
             generator=generator,
-            n_iter_no_change=self.n_iter_no_change,
-            verbose=self.verbose,
+            eval_batch=EVALUATION_BATCHES * self.batch_size,
+            max_epochs=self.max_epochs if len(rows) > 1 else 0,
         )
-        merger.start_from(start.gates, INIT_LOG_ALPHA)
-        max_epochs = self.max_epochs if len(rows) > 1 else 0
-        training = learn(
-            data.X_train,
-            data.y_train,
-            max_epochs=max_epochs,
-            validation=data.held_out,
-            sample_weight=data.w_train,
-        )
-        chosen = self._select(task, merger, candidates, errors, evaluate, data)
-        if chosen.name == SOFT_MERGE and self._refits(data, training):
-            merger.start_from(start.gates, INIT_LOG_ALPHA)
-            X_all, y_all, w_all = (
-                to_device(data.X, device),
-                torch.as_tensor(data.y, device=device),
-                _weights_on(device, data.w),
-            )
-            learn(X_all, y_all, max_epochs=training.best_epoch, sample_weight=w_all)
-            chosen = Candidate(SOFT_MERGE, merger.gates().detach())
+        if self.cv is None:
+            start, training, chosen = self._fit_held_out(fit, average, nets, rows)
+        else:
+            start, training, chosen = self._cross_fit(fit, average, nets, rows)
         self._set_fitted(merger, rows, nets, start, training, chosen)
         self.merged_net_ = task.build_net(
             nets[reference], _state_of(chosen, merger, nets, data.X)
         )
         return self
 
+    def _learn(self, fit: "_Fit", X, y, **kwargs):
+        """Learn the merger's gates on ``(X, y)`` with the estimator's
+        parameters (:func:`~sk_softmerge._training.learn_gates`)."""
+        return learn_gates(
+            fit.merger,
+            fit.loss,
+            X,
+            y,
+            l0_weight=self.l0_weight,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            generator=fit.generator,
+            verbose=self.verbose,
+            **kwargs,
+        )
+
+    def _fit_held_out(self, fit, average, nets, rows):
+        """The held-out protocol (``cv=None``): choose the start and the epoch
+        on the held-out part, check the learned gates against every fixed rule
+        there, relearn them on all the data. Returns the start, the training
+        and the chosen candidate."""
+        data, merger = fit.data, fit.merger
+        self.cv_results_ = None
+        evaluate = _evaluation(fit)
+        book = _rule_book(fit, evaluate, average, nets, rows, self.named_estimators_)
+        candidates, errors, _ = book.rules()
+        start = choose_start(candidates, errors)
+        merger.start_from(start.gates, INIT_LOG_ALPHA)
+        training = self._learn(
+            fit,
+            data.X_train,
+            data.y_train,
+            max_epochs=fit.max_epochs,
+            validation=data.held_out,
+            sample_weight=data.w_train,
+            n_iter_no_change=self.n_iter_no_change,
+        )
+        chosen = self._select(fit.task, merger, candidates, errors, evaluate, data)
+        if chosen.name == SOFT_MERGE and self._refits(data, training):
+            merger.start_from(start.gates, INIT_LOG_ALPHA)
+            X_all, y_all, w_all = (
+                to_device(data.X, fit.device),
+                torch.as_tensor(data.y, device=fit.device),
+                _weights_on(fit.device, data.w),
+            )
+            self._learn(
+                fit, X_all, y_all, max_epochs=training.best_epoch, sample_weight=w_all
+            )
+            chosen = Candidate(SOFT_MERGE, merger.gates().detach())
+        return start, training, chosen
+
+    def _cross_fit(self, fit, average, nets, rows):
+        """The cross-fitting protocol: learn and score the gates on every fold
+        (:func:`~sk_softmerge._crossfit.cross_fit`), choose between the learned
+        merge and the fixed rules on the pooled out-of-fold errors, then learn
+        the final gates on all the data. Returns the start, the training and
+        the chosen candidate; sets ``validation_scores_`` and ``cv_results_``."""
+        merger, data = fit.merger, fit.data
+        X, y, w = data.X_train, data.y_train, data.w_train
+        task = fit.task.pooled(y)
+        weights = None if w is None else w.cpu().numpy()
+        at = partial(torch.as_tensor, device=X.device)
+
+        def evaluate(forward, index=None):
+            part = slice(None) if index is None else at(index)
+            found = task.errors(forward, X[part], y[part], fit.predict, fit.eval_batch)
+            if found is None or weights is None:
+                return found
+            return found * weights[slice(None) if index is None else index]
+
+        def merge_errors(gates, index):
+            return evaluate(partial(merger, gates=gates), index)
+
+        def held_out_losses(index):
+            part = at(index)
+            return per_sample_task_losses(
+                merger,
+                fit.loss,
+                X[part],
+                y[part],
+                None if w is None else w[part],
+                merger.gates(),
+                fit.eval_batch,
+            )
+
+        def learn(index, max_epochs, after_epoch):
+            part = at(index)
+            return self._learn(
+                fit,
+                X[part],
+                y[part],
+                max_epochs=max_epochs,
+                sample_weight=None if w is None else w[part] / w[part].mean(),
+                after_epoch=after_epoch,
+            )
+
+        names = self.named_estimators_
+        book = _rule_book(fit, evaluate, average, nets, rows, names)
+        splits = data.splits
+        seed = int(fit.generator.initial_seed())
+
+        def choosing(index):
+            # As many samples as a held-out part would have had: on more, a
+            # member's memorised training samples would make it the start.
+            rng = np.random.default_rng([seed, len(index)])
+            return np.sort(rng.permutation(index)[:MAX_START_SAMPLES])
+
+        result = cross_fit(
+            merger,
+            book,
+            splits,
+            choose_start=choose_start,
+            learn=learn,
+            held_out_losses=held_out_losses,
+            merge_errors=merge_errors,
+            max_epochs=fit.max_epochs,
+            magnitude=INIT_LOG_ALPHA,
+            choosing=choosing,
+            name=SOFT_MERGE,
+        )
+        self.validation_scores_ = {n: task.score(e) for n, e in result.errors.items()}
+        self.cv_results_ = fold_summary(result, task.score, weights)
+        candidates, errors, soup = book.rules(choosing(np.arange(len(data.y))))
+        start = choose_start(candidates, errors)
+        merger.start_from(start.gates, INIT_LOG_ALPHA)
+        # On as many samples as a held-out fifth: on more, the samples that
+        # members memorised would make a member pass the test.
+        check = choosing(np.arange(sum(len(test) for _, test in splits)))
+        evidence = {n: e if e is None else e[check] for n, e in result.errors.items()}
+        name = choose_lowest_loss(evidence, SOFT_MERGE)
+        if name != SOFT_MERGE:
+            self._warn_fallback(name)
+            chosen = soup if name == GREEDY_SOUP else _named(candidates, name, start)
+            training = GateTraining()
+        else:
+            epochs = _final_epochs(result.best_epoch, splits, len(data.y))
+            training = learn(np.arange(len(data.y)), epochs, None)
+            chosen = Candidate(SOFT_MERGE, merger.gates().detach())
+        training.best_epoch = result.best_epoch
+        training.validation_loss_curve = result.validation_loss_curve
+        training.n_skipped_steps += result.n_skipped_steps
+        return start, training, chosen
+
     def _fit_data(self, task, X, y, w, random_state, device) -> "_FitData":
-        """The data as tensors on ``device``, and the task's train/held-out
-        split of them (no held-out part for ``validation_fraction=0``), with
-        the samples' weights (``None`` without)."""
-        if self.validation_fraction == 0:
+        """The data as tensors on ``device``, with the samples' weights
+        (``None`` without): all of it and the folds of ``cv``, or, with
+        ``cv=None``, the task's train/held-out split of them (no held-out part
+        for ``validation_fraction=0``)."""
+        splits = None if self.cv is None else _splits(self.cv, task, y)
+        if self.cv is not None or self.validation_fraction == 0:
             X_train, y_train, w_train, held_out = X, y, w, None
         else:
             seed = random_state.randint(np.iinfo(np.int32).max)
@@ -224,7 +353,7 @@ class _SoftMergeBase(BaseEstimator):
             torch.as_tensor(y_train, device=device),
         )
         return _FitData(
-            X, y, w, X_train, y_train, _weights_on(device, w_train), held_out
+            X, y, w, X_train, y_train, _weights_on(device, w_train), held_out, splits
         )
 
     def _usable_members(self, nets) -> list[int]:
@@ -243,7 +372,7 @@ class _SoftMergeBase(BaseEstimator):
                 f"estimators {self.excluded_estimators_} hold non-finite weights "
                 f"(NaN or inf) and are excluded from the merge: {names}.",
                 UserWarning,
-                stacklevel=6,  # the caller of fit
+                stacklevel=_stacklevel_of_caller(),
             )
         return [i for i in range(len(nets)) if i not in self.excluded_estimators_]
 
@@ -296,15 +425,18 @@ class _SoftMergeBase(BaseEstimator):
         name = choose_lowest_loss(errors, SOFT_MERGE)
         if name == SOFT_MERGE:
             return learned
+        self._warn_fallback(name)
+        return next(candidate for candidate in candidates if candidate.name == name)
+
+    def _warn_fallback(self, name: str) -> None:
         scores = self.validation_scores_
         warnings.warn(
             f"The soft merge scored {scores[SOFT_MERGE]:.4f} on the validation "
             f"data, significantly below {name} ({scores[name]:.4f}); falling back "
             f"to {name}. See validation_scores_.",
             UserWarning,
-            stacklevel=6,  # the caller of fit
+            stacklevel=_stacklevel_of_caller(),
         )
-        return next(candidate for candidate in candidates if candidate.name == name)
 
     def _refits(self, data, training) -> bool:
         """Whether the held-out part confirmed learned gates to relearn."""
@@ -372,7 +504,7 @@ class _FitData(NamedTuple):
     """The fit data: all of it, on the host (moved to the fit device only for
     the refit and batch-norm statistics, so that the device holds one copy),
     and, on the fit device, the part the gates train on and the held-out part
-    (``None`` without one)."""
+    (``None`` without one); the folds of ``cv`` (``None`` with ``cv=None``)."""
 
     X: np.ndarray
     y: np.ndarray
@@ -381,6 +513,7 @@ class _FitData(NamedTuple):
     y_train: torch.Tensor
     w_train: torch.Tensor | None
     held_out: tuple | None
+    splits: list | None
 
 
 def _weights_on(device, w) -> torch.Tensor | None:
@@ -391,54 +524,90 @@ def _weights_on(device, w) -> torch.Tensor | None:
     return torch.as_tensor(w / w.mean(), dtype=torch.float32, device=device)
 
 
-def _evaluation(task, reference, data, generator, batch_size):
+class _Fit(NamedTuple):
+    """What every step of one fit works with."""
+
+    task: Task
+    merger: SoftMerge
+    loss: Callable
+    predict: Callable
+    data: _FitData
+    generator: torch.Generator
+    eval_batch: int
+    max_epochs: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.X_train.device
+
+
+def _evaluation(fit: _Fit):
     """``evaluate(forward)``: per-sample errors of a model on the held-out part
     (on at most ``MAX_START_SAMPLES`` training samples without one), run on
-    ``batch_size`` samples at a time, times the samples' weights of mean 1
+    ``fit.eval_batch`` samples at a time, times the samples' weights of mean 1
     when weighted."""
+    data = fit.data
     X, y, w = data.held_out or (data.X_train, data.y_train, data.w_train)
     if data.held_out is None and X.shape[0] > MAX_START_SAMPLES:
         # Training data: a subsample tells the rules apart well enough.
-        keep = torch.randperm(X.shape[0], generator=generator, device=X.device)
+        keep = torch.randperm(X.shape[0], generator=fit.generator, device=X.device)
         keep = keep[:MAX_START_SAMPLES]
         X, y, w = X[keep], y[keep], None if w is None else w[keep] / w[keep].mean()
     errors = partial(
-        task.errors,
-        X=X,
-        y=y,
-        predict=prediction_function(reference),
-        batch_size=batch_size,
+        fit.task.errors, X=X, y=y, predict=fit.predict, batch_size=fit.eval_batch
     )
     return weighted(errors, None if w is None else w.cpu().numpy())
 
 
-def _fixed_rules(task, merger, average, nets, rows, evaluate, names):
-    """The candidates of :func:`fixed_rules` and their per-sample errors."""
+def _rule_book(fit: _Fit, evaluate, average, nets, rows, names) -> RuleBook:
+    """The fixed rules' errors by ``evaluate(forward)``."""
     # Members are evaluated as they predict: with their own batch-norm
     # statistics.
-    member_errors = [evaluate(merger.member_forward(nets[i].module_)) for i in rows]
-
-    soups = {}  # the greedy search tries the final soup, maybe the average too
-
-    def soup_errors(gates):
-        key = gates.cpu().numpy().tobytes()
-        if key not in soups:
-            soups[key] = evaluate(partial(merger, gates=gates))
-        return soups[key]
-
-    member_scores = [task.score(errors) for errors in member_errors]
-    candidates = fixed_rules(
+    member_errors = [evaluate(fit.merger.member_forward(nets[i].module_)) for i in rows]
+    return RuleBook(
         average,
         rows,
-        member_scores,
-        lambda gates: task.score(soup_errors(gates)),
-        names,
+        member_errors,
+        lambda gates: evaluate(partial(fit.merger, gates=gates)),
+        fit.task.score,
+        list(names),
     )
-    errors = dict(zip((names[i] for i in rows), member_errors, strict=True))
-    for candidate in candidates:
-        if candidate.member is None:
-            errors[candidate.name] = soup_errors(candidate.gates)
-    return candidates, errors
+
+
+def _splits(cv, task: Task, y: np.ndarray) -> list:
+    """The folds of ``cv`` (an int, a splitter or an iterable of splits, as
+    :func:`sklearn.model_selection.check_cv` takes it) over the targets ``y``."""
+    classifier = isinstance(task, ClassificationTask)
+    splitter = check_cv(cv, y, classifier=classifier)
+    return list(splitter.split(np.zeros((len(y), 1)), y))
+
+
+def _stacklevel_of_caller() -> int:
+    """The ``stacklevel`` at which a warning of this package's code points at
+    the code that called it: the first frame outside this package and
+    scikit-learn's ``fit`` wrapper, seen from the caller of this function."""
+    package = os.path.dirname(__file__) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(package)
+        or frame.f_code.co_filename.endswith(os.path.join("sklearn", "base.py"))
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _final_epochs(best_epoch: int, splits, n_samples: int) -> int:
+    """Epochs on all ``n_samples`` that take as many steps as ``best_epoch``
+    epochs took on a fold's training part (rounded, at least 1 when
+    ``best_epoch`` is): the step count is what the folds checked."""
+    if best_epoch == 0:
+        return 0
+    share = np.mean([len(train) for train, _ in splits]) / n_samples
+    return max(1, round(best_epoch * share))
+
+
+def _named(candidates, name: str, default: Candidate) -> Candidate:
+    return next((c for c in candidates if c.name == name), default)
 
 
 def _state_of(chosen: Candidate, merger: SoftMerge, nets, X: np.ndarray) -> dict:

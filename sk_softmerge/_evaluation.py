@@ -189,6 +189,7 @@ def scaled_squared_errors(
     y: torch.Tensor,
     nonlinearity: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = 1024,
+    variance: torch.Tensor | None = None,
 ) -> np.ndarray | None:
     """Per-sample squared errors of a regression model, scaled to give R^2.
 
@@ -210,6 +211,9 @@ def scaled_squared_errors(
         Turns the module's output into predictions.
     batch_size : int, default=1024
         Samples per forward pass.
+    variance : torch.Tensor of shape (n_outputs,), default=None
+        The variance of every output's targets to divide by; ``None`` takes
+        that of ``y`` (give it to score parts of a data set alike).
 
     Returns
     -------
@@ -228,7 +232,9 @@ def scaled_squared_errors(
     >>> float(1 - errors.mean())   # R^2, as sklearn.metrics.r2_score gives
     0.7857...
     """
-    variance = y.to(torch.float64).var(dim=0, unbiased=False)
+    if variance is None:
+        variance = y.to(torch.float64).var(dim=0, unbiased=False)
+    variance = variance.to(y.device)
     scale = torch.where(variance > 0, variance, torch.ones_like(variance))
     errors, finite = [], torch.ones((), device=X.device, dtype=torch.bool)
     for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):

@@ -32,9 +32,9 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         Larger values close more gates, so that fewer members carry each unit;
         ``0`` (the default, the most accurate in our benchmarks) lets the task
         loss alone decide. See *Choosing l0_weight* in the Notes.
-    max_epochs : int, default=60
+    max_epochs : int, default=12
         Passes over the training data.
-    lr : float, default=5e-2
+    lr : float, default=0.2
         Adam learning rate of the gates' log-alphas.
     batch_size : int, default=128
         Samples per gradient step.
@@ -47,18 +47,28 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         Name patterns (shell-style, as in :mod:`fnmatch`) of the modules or
         parameters to merge; the rest is copied from the reference member.
         ``None`` merges everything.
+    cv : int, cross-validation generator, iterable or None, default=2
+        How the learned gates are checked: by cross-fitting. On each fold of
+        ``cv`` (what :func:`~sklearn.model_selection.check_cv` takes: an int
+        gives that many unshuffled ``KFold`` folds), the gates learn on
+        the other folds, from the fixed rule those choose, and the gates of
+        every epoch and every fixed rule are scored on the fold left out. The
+        pooled out-of-fold losses choose the number of epochs, the pooled
+        out-of-fold errors whether the learned merge or a fixed rule is kept
+        (see Notes); the final gates then learn on all of ``(X, y)`` for that
+        many epochs. Every sample both teaches the gates and checks them.
+        ``None`` holds out ``validation_fraction`` instead.
     validation_fraction : float, default=0.2
-        Fraction of ``(X, y)`` held out, at random, to choose the fixed rule
-        the gates start from (uniform average, a member alone, greedy soup),
-        the epoch to keep, and to compare the learned merge with every fixed
-        rule. When one has a significantly lower squared error than the merge
-        there (see Notes), ``fit`` warns and falls back to it; a member is then
-        reproduced exactly. ``0`` trains on all data and compares nothing.
+        With ``cv=None``: the fraction of ``(X, y)`` held out, at random, to
+        choose the fixed rule the gates start from (uniform average, a member
+        alone, greedy soup), the epoch to keep, and to compare the learned
+        merge with every fixed rule. ``0`` trains on all data and compares
+        nothing.
     n_iter_no_change : int or None, default=20
         Stop learning the gates once this many epochs in a row brought no new
         lowest loss on the held-out part (as scikit-learn's ``MLPClassifier``
-        does); ``None`` runs all ``max_epochs``. No effect with
-        ``validation_fraction=0``.
+        does); ``None`` runs all ``max_epochs``. Only with ``cv=None`` and a
+        held-out part.
     align : {None, "weight_matching", "activation_matching"}, default=None
         ``None`` assumes the members share one basin (forked from one training,
         or fine-tuned from one checkpoint). Members trained from different
@@ -80,7 +90,8 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         them again from the same start on all of ``(X, y)`` for the number of
         epochs that the held-out part chose (``best_epoch_``), so that the
         held-out samples train the gates too. ``False`` keeps the gates that
-        the held-out part checked. No effect with ``validation_fraction=0``.
+        the held-out part checked. Only with ``cv=None`` and a held-out part
+        (cross-fitting always learns the final gates on all the data).
     device : str, default="auto"
         Where the gates are learned: ``"auto"`` (CUDA when available), ``"cpu"``,
         ``"cuda"`` or ``"cuda:N"``.
@@ -112,12 +123,13 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         merged weights; it can be used on its own (it predicts shape
         ``(n_samples, n_outputs)``, as skorch regressors do).
     validation_scores_ : dict of str to float or None
-        Validation R^2 of ``"soft merge"`` (the gates checked there),
+        Out-of-fold R^2 (with ``cv``; on the held-out part with
+        ``cv=None``) of ``"soft merge"`` (the gates checked there),
         ``"uniform average"``, every member that was not excluded (by name,
         ``"member i"`` when unnamed) and ``"greedy soup"`` (when it is neither
-        one member nor the average);
+        one member nor the average, on some fold);
         ``-inf`` for a candidate whose predictions are not finite; ``None``
-        when ``validation_fraction=0``.
+        when ``cv=None`` and ``validation_fraction=0``.
     selected_ : str
         Which candidate ``merged_net_`` holds: ``"soft merge"`` (the learned
         gates, or their start when no epoch beat it) unless ``fit`` fell back
@@ -137,19 +149,27 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         skipped (see ``n_skipped_steps_``); ``nan`` for an epoch whose every
         step was skipped.
     validation_loss_curve_ : list of float
-        Task loss of the merge on the validation data before training and after
-        every epoch; empty when ``validation_fraction=0``.
+        Task loss of the merge before learning and after every epoch: pooled
+        out of fold with ``cv``, on the held-out part with ``cv=None``; empty
+        when ``cv=None`` and ``validation_fraction=0``.
+    cv_results_ : dict or None
+        With ``cv``, per fold: ``"start"``, the fixed rule the fold's gates
+        started from; ``"validation_loss_curve"``, an array of shape
+        ``(n_folds, max_epochs + 1)`` of the fold's out-of-fold task loss per
+        epoch; ``"scores"``, for each key of ``validation_scores_``, an array
+        of the folds' scores. ``None`` with ``cv=None``.
     start_ : str
         The fixed rule gate learning started from: ``"uniform average"`` (of
         the members not screened), ``"greedy soup"`` or a member alone
         (``"member i"`` or its name)
         (see :class:`SoftMergeClassifier`).
     best_epoch_ : int
-        Epoch whose gates were kept: the one with the lowest validation loss
-        if significantly lower than the start's, else ``0`` (the start); the
-        last epoch without validation.
+        Epochs of learning kept: those of the lowest out-of-fold (or
+        held-out) loss if significantly lower than the start's, else ``0``
+        (the start); ``max_epochs`` without any check.
     n_iter_ : int
-        Number of epochs run.
+        Number of epochs of the final learning of the gates (of
+        ``loss_curve_``).
     n_skipped_steps_ : int
         Steps of gate learning skipped because their loss or gradient was not
         finite (a sampled merge that overflows, such as an extreme member's
@@ -174,10 +194,11 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
     regressors do; ``score`` is the coefficient of determination R^2 (averaged
     uniformly over outputs).
 
-    *Validation.* On the held-out part, the merge is compared with every fixed
-    rule (uniform average, every member, greedy soup) by their squared errors
-    on the same samples, each output's error divided by the variance of its
-    targets (so that one minus the mean is R^2). With ``d`` the merge's error
+    *Validation.* Out of fold (on the held-out part with ``cv=None``), the
+    merge is compared with every fixed rule (uniform average, every member,
+    greedy soup) by their squared errors on the same samples, each output's
+    error divided by the variance of its targets (of all of ``y`` out of fold,
+    so that one minus the mean is the out-of-fold R^2). With ``d`` the merge's error
     minus a candidate's, sample by sample, the candidate replaces the merge
     only if ``sum(d)`` exceeds twice ``sqrt(sum(d ** 2))``: a one-sided paired
     test of the differences at two sigma, the test that the classifier's

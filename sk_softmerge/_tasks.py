@@ -14,7 +14,7 @@ nonlinearity instead of assuming logits.
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -67,6 +67,11 @@ class Task(ABC):
         ``None`` when the model does not predict (non-finite outputs).
         ``predict`` maps the module's output to what the net predicts; the
         model runs on ``batch_size`` samples at a time."""
+
+    def pooled(self, y) -> "Task":
+        """The task whose per-sample errors on any part of the samples of
+        ``y`` add up to errors on all of them (for cross-fitting)."""
+        return self
 
     @abstractmethod
     def score(self, errors: np.ndarray | None) -> float:
@@ -149,9 +154,13 @@ class RegressionTask(Task):
     ----------
     n_outputs : int
         Targets per sample.
+    variance : torch.Tensor of shape (n_outputs,), default=None
+        Variance of every output's targets that squared errors are divided
+        by; ``None`` takes it from the targets being scored.
     """
 
     n_outputs: int
+    variance: torch.Tensor | None = None
 
     def split(self, X, y, fraction, seed, *weights):
         return train_test_split(X, y, *weights, test_size=fraction, random_state=seed)
@@ -170,7 +179,14 @@ class RegressionTask(Task):
 
     def errors(self, forward, X, y, predict, batch_size=1024):
         """Squared errors scaled so that R^2 is one minus their mean."""
-        return scaled_squared_errors(forward, X, y, predict, batch_size)
+        return scaled_squared_errors(
+            forward, X, y, predict, batch_size, variance=self.variance
+        )
+
+    def pooled(self, y):
+        """The task scaling every part's errors by the variance of all ``y``."""
+        variance = torch.as_tensor(y).to(torch.float64).var(dim=0, unbiased=False)
+        return replace(self, variance=variance)
 
     def score(self, errors):
         """R^2; minus infinity for a model whose predictions are not finite."""

@@ -60,6 +60,7 @@ def learn_gates(
     validation: tuple | None = None,
     n_iter_no_change: int | None = None,
     sample_weight: torch.Tensor | None = None,
+    after_epoch: Callable[[int], None] | None = None,
     verbose: int = 0,
 ) -> GateTraining:
     """Train the merger's log-alphas; nothing else changes.
@@ -117,6 +118,10 @@ def learn_gates(
         Weight of every sample of ``X`` in the task loss, which is then the
         mean over a batch of each sample's loss times its weight (weights of
         mean 1 keep the loss's scale); ``None`` weighs samples equally.
+    after_epoch : callable, default=None
+        ``after_epoch(epoch)``, called after every epoch (``epoch`` counts
+        from 1) with the merger holding that epoch's log-alphas: cross-fitting
+        scores every epoch's gates on the samples left out of ``X``.
     verbose : int, default=0
         Above zero, a progress bar shows epoch, loss and open gates.
 
@@ -191,6 +196,8 @@ def learn_gates(
         )
         result.loss_curve.append(mean_loss)
         result.n_skipped_steps += n_skipped
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
         postfix = {"loss": f"{result.loss_curve[-1]:.4f}"}
         if validation is not None:
             result.validation_loss_curve.append(
@@ -295,14 +302,14 @@ def _significantly_better(
     """
     losses = {}
     for name, value in (("start", start_log_alpha), ("trained", log_alpha)):
-        losses[name] = _per_sample_task_losses(
+        losses[name] = per_sample_task_losses(
             merger, loss_fn, X, y, w, deterministic_z(value), batch_size
         )
     return choose_lowest_loss(losses, "start") == "trained"
 
 
 @torch.no_grad()
-def _per_sample_task_losses(merger, loss_fn, X, y, w, gates, batch_size=1024):
+def per_sample_task_losses(merger, loss_fn, X, y, w, gates, batch_size=1024):
     """Task loss of every sample (``loss_fn`` on a batch of one, vectorised),
     times its weight ``w`` (when not ``None``); ``None`` when some loss is not
     finite."""

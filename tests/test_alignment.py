@@ -378,7 +378,7 @@ class TestEstimator:
         # alignment does.
         monkeypatch.setattr(sk_softmerge._estimator, "choose_start", _average_start)
         before = [state_of(m.module_) for m in independent_members]
-        params = dict(max_epochs=2, random_state=0, validation_fraction=0)
+        params = dict(max_epochs=2, random_state=0, cv=None, validation_fraction=0)
         aligned = SoftMergeClassifier(independent_members, align=method, **params).fit(
             X, y
         )
@@ -391,7 +391,11 @@ class TestEstimator:
     ):
         X, y = digits
         merge = SoftMergeClassifier(
-            independent_members, max_epochs=1, random_state=0, validation_fraction=0
+            independent_members,
+            max_epochs=1,
+            random_state=0,
+            cv=None,
+            validation_fraction=0,
         ).fit(X, y)
         module = merge.merged_net_.module_
         with torch.no_grad():

@@ -64,7 +64,9 @@ def softmax_members(cancer):
 
 @pytest.fixture(scope="module")
 def merge(binary, cancer):
-    return SoftMergeClassifier(binary, granularity="layer", random_state=0).fit(*cancer)
+    return SoftMergeClassifier(
+        binary, granularity="layer", cv=None, random_state=0
+    ).fit(*cancer)
 
 
 class TestBinaryMembers:
@@ -141,7 +143,12 @@ class TestBinaryMembers:
         X, y = cancer
         strict = [copy.deepcopy(m).set_params(threshold=0.9) for m in binary]
         merge = SoftMergeClassifier(
-            strict, granularity="layer", max_epochs=2, refit=False, random_state=0
+            strict,
+            granularity="layer",
+            max_epochs=2,
+            cv=None,
+            refit=False,
+            random_state=0,
         ).fit(X, y)
         X_val, y_val = held_out_part(X, y, merge)
         scores = merge.validation_scores_

@@ -139,10 +139,25 @@ class TestRefit:
             return learn_gates(merger, loss, X, y, **kwargs)
 
         monkeypatch.setattr(sk_softmerge._estimator, "learn_gates", recording)
+        params = {"cv": None, **params}
         merge = SoftMergeRegressor(
             members, max_epochs=10, lr=0.2, batch_size=32, random_state=0, **params
         )
         return merge.fit(*line), calls
+
+    def test_cross_fitting_learns_every_fold_then_all_data_from_the_start(
+        self, members, line, monkeypatch
+    ):
+        merge, calls = self._recorded_fit(members, line, monkeypatch, cv=5)
+        assert merge.selected_ == "soft merge" and merge.best_epoch_ > 0
+        *folds, (n_all, final_epochs, final_start) = calls
+        assert [(n, epochs) for n, epochs, _ in folds] == [(320, 10)] * 5
+        # As many steps as the folds took: 4/5 of the epochs on all samples.
+        assert (n_all, final_epochs) == (400, max(1, round(merge.best_epoch_ * 0.8)))
+        torch.testing.assert_close(final_start, folds[0][2])
+        scores = merge.validation_scores_
+        assert scores["soft merge"] > scores["uniform average"]
+        assert merge.score(*line) >= 0.99
 
     def test_kept_epochs_are_relearned_on_all_data_from_the_start(
         self, members, line, monkeypatch

@@ -26,7 +26,9 @@ from conftest import (
 )
 
 # Layer gates: one per member and per Linear, the shapes asserted below.
-FAST = dict(max_epochs=2, random_state=0, validation_fraction=0, granularity="layer")
+FAST = dict(
+    max_epochs=2, random_state=0, cv=None, validation_fraction=0, granularity="layer"
+)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -50,7 +50,7 @@ class TestNamed:
             lambda candidates, errors: candidates[1 + NAMES.index("long")],
         )
         with pytest.warns(UserWarning, match="falling back to greedy soup"):
-            merge = SoftMergeClassifier(named, max_epochs=1, random_state=0)
+            merge = SoftMergeClassifier(named, max_epochs=1, cv=None, random_state=0)
             merge.fit(X, y)
         assert merge.start_ == "long"
         assert merge.selected_ == "greedy soup"

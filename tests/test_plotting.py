@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 @pytest.fixture(scope="module")
 def merge(members, digits):
     return SoftMergeClassifier(
-        members, max_epochs=2, random_state=0, validation_fraction=0
+        members, max_epochs=2, random_state=0, cv=None, validation_fraction=0
     ).fit(*digits)
 
 

@@ -37,7 +37,9 @@ from conftest import (
 )
 
 # Layer gates: one per member and per Linear, the shapes asserted below.
-FAST = dict(max_epochs=2, random_state=0, validation_fraction=0, granularity="layer")
+FAST = dict(
+    max_epochs=2, random_state=0, cv=None, validation_fraction=0, granularity="layer"
+)
 
 
 def fit_quietly(estimator, X, y):
@@ -174,7 +176,7 @@ class TestValidation:
         X_train, _, y_train, _ = split
         members = forked_regressors(X_train, y_train[:, None], n_members=3, seed=1)
         merge = fit_quietly(
-            SoftMergeRegressor(members, random_state=0, max_epochs=10),
+            SoftMergeRegressor(members, cv=None, random_state=0, max_epochs=10),
             X_train,
             y_train,
         )

@@ -240,6 +240,7 @@ class TestEstimator:
         params = dict(
             align="activation_matching",
             max_epochs=1,
+            cv=None,
             validation_fraction=0,
             random_state=0,
         )

@@ -65,7 +65,8 @@ def good_and_weak(split):
 class TestValidationFallback:
     def test_scores_recorded(self, clean, split):
         X_train, _, y_train, _ = split
-        merge = fit_quietly(SoftMergeClassifier(clean, **FIT), X_train, y_train)
+        merge = SoftMergeClassifier(clean, cv=None, **FIT)
+        merge = fit_quietly(merge, X_train, y_train)
         expected = {"soft merge", "uniform average"} | {f"member {i}" for i in range(4)}
         assert set(merge.validation_scores_) == expected
         assert all(0 <= s <= 1 for s in merge.validation_scores_.values())
@@ -122,7 +123,7 @@ class TestValidationFallback:
 
     def test_disabled(self, clean, split):
         X_train, _, y_train, _ = split
-        merge = SoftMergeClassifier(clean, validation_fraction=0, **FIT)
+        merge = SoftMergeClassifier(clean, cv=None, validation_fraction=0, **FIT)
         merge.fit(X_train, y_train)
         assert merge.validation_scores_ is None and merge.selected_ == "soft merge"
 
@@ -201,7 +202,9 @@ class TestMaliciousMembers:
                 p.fill_(1e30)
         members = [*clean[:2], huge, clean[3]]
         for fraction in (0.2, 0.0):
-            merge = SoftMergeClassifier(members, validation_fraction=fraction, **FIT)
+            merge = SoftMergeClassifier(
+                members, cv=None, validation_fraction=fraction, **FIT
+            )
             fit_quietly(merge, X_train, y_train)
             # Steps that overflow are skipped, not recorded as losses: no
             # infinity, and epochs where every step overflowed are nan.

@@ -7,7 +7,7 @@ import torch
 
 from sk_softmerge import SoftMerge, _training
 from sk_softmerge._gates import logistic_noise
-from sk_softmerge._training import Adam, _per_sample_task_losses, learn_gates
+from sk_softmerge._training import Adam, learn_gates, per_sample_task_losses
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -270,7 +270,7 @@ def test_learning_stops_n_epochs_after_the_best_one():
     )
 
 
-def test_per_sample_task_losses_of_a_criterion_vmap_cannot_trace():
+def testper_sample_task_losses_of_a_criterion_vmap_cannot_trace():
     def loss(output, target):
         # .item() breaks vmap; the loop fallback must give the same values.
         scale = 2.0 if float(target.float().mean().item()) >= 0 else 1.0
@@ -279,7 +279,7 @@ def test_per_sample_task_losses_of_a_criterion_vmap_cannot_trace():
     merger = SoftMerge([_linear(1.0), _linear(0.5)])
     X = torch.linspace(-1, 1, 7).unsqueeze(1)
     y = torch.zeros(7, 1)
-    losses = _per_sample_task_losses(merger, loss, X, y, None, gates=merger.gates())
+    losses = per_sample_task_losses(merger, loss, X, y, None, gates=merger.gates())
     expected = 2.0 * (0.75 * X.squeeze(1)) ** 2
     np.testing.assert_allclose(losses, expected.numpy(), rtol=1e-6)
 
@@ -337,7 +337,7 @@ def test_estimators_count_skipped_steps(digits, diabetes, members, regressors):
                 p.fill_(1e30)
         return member
 
-    fit = dict(max_epochs=3, random_state=0, validation_fraction=0)
+    fit = dict(max_epochs=3, random_state=0, cv=None, validation_fraction=0)
     for Merge, nets, (X, y) in [
         (SoftMergeClassifier, members, digits),
         (SoftMergeRegressor, regressors, diabetes),
