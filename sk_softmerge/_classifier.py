@@ -210,12 +210,15 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
     pooled out-of-fold task loss is kept if its per-sample losses are
     significantly lower than the start's (the test of *Validation*, on the task
     loss), else the start (``best_epoch_ == 0``). The merge of that epoch is
-    then checked against every fixed rule on the pooled out-of-fold errors, and
-    the final gates learn on all of ``(X, y)`` by the same procedure for
-    ``best_epoch_`` epochs. Every sample thus teaches the final gates and takes
-    part in the check. With ``cv=None``, the start, the epoch and the check are
-    decided on a held-out ``validation_fraction`` instead, and with
-    ``refit=True`` confirmed gates are learned again on all of ``(X, y)``.
+    then checked against every fixed rule on the pooled out-of-fold errors (of
+    at most 1,024 samples, as many as a held-out fifth would hold: on more, the
+    samples a member memorised would let it pass), and the final gates learn on
+    all of ``(X, y)`` by the same procedure, for as many steps as the folds'
+    gates took in ``best_epoch_`` epochs. Every sample thus teaches the final
+    gates and takes part in the check. With ``cv=None``, the start, the epoch
+    and the check are decided on a held-out ``validation_fraction`` instead,
+    and with ``refit=True`` confirmed gates are learned again on all of
+    ``(X, y)``.
 
     *Choosing l0_weight.* The penalty buys sparser gates (fewer members carry
     each unit) at some accuracy: ``0`` (the default) lets the task loss alone

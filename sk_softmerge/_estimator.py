@@ -43,8 +43,10 @@ INIT_LOG_ALPHA = 3.0
 at this value (deterministic gate 1), all others at minus it (gate 0)."""
 
 MAX_START_SAMPLES = 1024
-"""Without a held-out part, the fixed rules are compared on at most this many
-training samples, so that the comparison stays a small part of a fit."""
+"""The fixed rules are compared on at most this many samples that the gates
+learn on (about as many as a held-out fifth would hold): on more, a member's
+lead on the samples it memorised would pass the significance test, and the
+comparison stays a small part of a fit."""
 
 SOFT_MERGE = "soft merge"
 
@@ -243,87 +245,44 @@ class _SoftMergeBase(BaseEstimator):
         merge and the fixed rules on the pooled out-of-fold errors, then learn
         the final gates on all the data. Returns the start, the training and
         the chosen candidate; sets ``validation_scores_`` and ``cv_results_``."""
-        merger, data = fit.merger, fit.data
-        X, y, w = data.X_train, data.y_train, data.w_train
-        task = fit.task.pooled(y)
-        weights = None if w is None else w.cpu().numpy()
-        at = partial(torch.as_tensor, device=X.device)
-
-        def evaluate(forward, index=None):
-            part = slice(None) if index is None else at(index)
-            found = task.errors(forward, X[part], y[part], fit.predict, fit.eval_batch)
-            if found is None or weights is None:
-                return found
-            return found * weights[slice(None) if index is None else index]
-
-        def merge_errors(gates, index):
-            return evaluate(partial(merger, gates=gates), index)
-
-        def held_out_losses(index):
-            part = at(index)
-            return per_sample_task_losses(
-                merger,
-                fit.loss,
-                X[part],
-                y[part],
-                None if w is None else w[part],
-                merger.gates(),
-                fit.eval_batch,
-            )
-
-        def learn(index, max_epochs, after_epoch):
-            part = at(index)
-            return self._learn(
-                fit,
-                X[part],
-                y[part],
-                max_epochs=max_epochs,
-                sample_weight=None if w is None else w[part] / w[part].mean(),
-                after_epoch=after_epoch,
-            )
-
-        names = self.named_estimators_
-        book = _rule_book(fit, evaluate, average, nets, rows, names)
-        splits = data.splits
-        seed = int(fit.generator.initial_seed())
-
-        def choosing(index):
-            # As many samples as a held-out part would have had: on more, a
-            # member's memorised training samples would make it the start.
-            rng = np.random.default_rng([seed, len(index)])
-            return np.sort(rng.permutation(index)[:MAX_START_SAMPLES])
-
+        samples = _Samples(self, fit)
+        book = _rule_book(
+            fit, samples.errors, average, nets, rows, self.named_estimators_
+        )
+        splits, choosing = fit.data.splits, _subsample(fit.generator.initial_seed())
         result = cross_fit(
-            merger,
+            fit.merger,
             book,
             splits,
             choose_start=choose_start,
-            learn=learn,
-            held_out_losses=held_out_losses,
-            merge_errors=merge_errors,
+            learn=samples.learn,
+            held_out_losses=samples.losses,
+            merge_errors=samples.merge_errors,
             max_epochs=fit.max_epochs,
             magnitude=INIT_LOG_ALPHA,
             choosing=choosing,
             name=SOFT_MERGE,
         )
-        self.validation_scores_ = {n: task.score(e) for n, e in result.errors.items()}
-        self.cv_results_ = fold_summary(result, task.score, weights)
-        candidates, errors, soup = book.rules(choosing(np.arange(len(data.y))))
+        score = samples.task.score
+        self.validation_scores_ = {n: score(e) for n, e in result.errors.items()}
+        self.cv_results_ = fold_summary(result, score, samples.weights)
+        everything = np.arange(samples.n_samples)
+        candidates, errors, soup = book.rules(choosing(everything))
         start = choose_start(candidates, errors)
-        merger.start_from(start.gates, INIT_LOG_ALPHA)
+        fit.merger.start_from(start.gates, INIT_LOG_ALPHA)
         # On as many samples as a held-out fifth: on more, the samples that
-        # members memorised would make a member pass the test.
+        # members memorised would let a member pass the test.
         check = choosing(np.arange(sum(len(test) for _, test in splits)))
         evidence = {n: e if e is None else e[check] for n, e in result.errors.items()}
         name = choose_lowest_loss(evidence, SOFT_MERGE)
         if name != SOFT_MERGE:
-            self._warn_fallback(name)
+            self._warn_fallback(name, "out of fold")
             chosen = soup if name == GREEDY_SOUP else _named(candidates, name, start)
             training = GateTraining()
         else:
-            epochs = _final_epochs(result.best_epoch, splits, len(data.y))
-            training = learn(np.arange(len(data.y)), epochs, None)
-            chosen = Candidate(SOFT_MERGE, merger.gates().detach())
+            epochs = _final_epochs(result.best_epoch, splits, samples.n_samples)
+            training = samples.learn(everything, epochs, None)
+            chosen = Candidate(SOFT_MERGE, fit.merger.gates().detach())
         training.best_epoch = result.best_epoch
         training.validation_loss_curve = result.validation_loss_curve
         training.n_skipped_steps += result.n_skipped_steps
@@ -425,14 +384,14 @@ class _SoftMergeBase(BaseEstimator):
         name = choose_lowest_loss(errors, SOFT_MERGE)
         if name == SOFT_MERGE:
             return learned
-        self._warn_fallback(name)
+        self._warn_fallback(name, "on the validation data")
         return next(candidate for candidate in candidates if candidate.name == name)
 
-    def _warn_fallback(self, name: str) -> None:
+    def _warn_fallback(self, name: str, where: str) -> None:
         scores = self.validation_scores_
         warnings.warn(
-            f"The soft merge scored {scores[SOFT_MERGE]:.4f} on the validation "
-            f"data, significantly below {name} ({scores[name]:.4f}); falling back "
+            f"The soft merge scored {scores[SOFT_MERGE]:.4f} {where}, "
+            f"significantly below {name} ({scores[name]:.4f}); falling back "
             f"to {name}. See validation_scores_.",
             UserWarning,
             stacklevel=_stacklevel_of_caller(),
@@ -557,6 +516,79 @@ def _evaluation(fit: _Fit):
         fit.task.errors, X=X, y=y, predict=fit.predict, batch_size=fit.eval_batch
     )
     return weighted(errors, None if w is None else w.cpu().numpy())
+
+
+class _Samples:
+    """The fit data on the fit device, addressed by sample positions: what
+    cross-fitting learns on and scores, each sample's errors weighted by its
+    weight of mean 1 over all samples, regression errors scaled alike on
+    every part (:meth:`Task.pooled`)."""
+
+    def __init__(self, estimator, fit: "_Fit"):
+        data = fit.data
+        self._estimator, self._fit = estimator, fit
+        self.X, self.y, self.w = data.X_train, data.y_train, data.w_train
+        self.n_samples = len(data.y)
+        self.task = fit.task.pooled(self.y)
+        self.weights = None if self.w is None else self.w.cpu().numpy()
+
+    def _part(self, index):
+        if index is None:
+            return slice(None)
+        return torch.as_tensor(index, device=self.y.device)
+
+    def errors(self, forward, index=None) -> np.ndarray | None:
+        """Per-sample errors of ``forward`` on the samples ``index`` (all for
+        ``None``)."""
+        part = self._part(index)
+        found = self.task.errors(
+            forward, self.X[part], self.y[part], self._fit.predict, self._fit.eval_batch
+        )
+        if found is None or self.weights is None:
+            return found
+        return found * self.weights[slice(None) if index is None else index]
+
+    def merge_errors(self, gates, index) -> np.ndarray | None:
+        """Per-sample errors of the merge with ``gates``."""
+        return self.errors(partial(self._fit.merger, gates=gates), index)
+
+    def losses(self, index) -> np.ndarray | None:
+        """Per-sample task losses of the merger's deterministic gates."""
+        part = self._part(index)
+        merger = self._fit.merger
+        return per_sample_task_losses(
+            merger,
+            self._fit.loss,
+            self.X[part],
+            self.y[part],
+            None if self.w is None else self.w[part],
+            merger.gates(),
+            self._fit.eval_batch,
+        )
+
+    def learn(self, index, max_epochs: int, after_epoch) -> GateTraining:
+        """Learn the gates on the samples ``index``, their weights of mean 1."""
+        part = self._part(index)
+        w = None if self.w is None else self.w[part] / self.w[part].mean()
+        return self._estimator._learn(
+            self._fit,
+            self.X[part],
+            self.y[part],
+            max_epochs=max_epochs,
+            sample_weight=w,
+            after_epoch=after_epoch,
+        )
+
+
+def _subsample(seed: int):
+    """``choosing(index)``: at most ``MAX_START_SAMPLES`` of the samples
+    ``index``, drawn from ``seed`` and the number of samples, in order."""
+
+    def choosing(index):
+        rng = np.random.default_rng([seed, len(index)])
+        return np.sort(rng.permutation(index)[:MAX_START_SAMPLES])
+
+    return choosing
 
 
 def _rule_book(fit: _Fit, evaluate, average, nets, rows, names) -> RuleBook:
