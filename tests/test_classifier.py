@@ -51,7 +51,8 @@ class TestFit:
 
     def test_defaults_learn_neuron_gates(self, members, digits):
         defaults = SoftMergeClassifier(members).get_params()
-        assert defaults["granularity"] == "neuron" and defaults["max_epochs"] == 60
+        assert defaults["granularity"] == "neuron" and defaults["max_epochs"] == 12
+        assert defaults["cv"] == 2 and defaults["lr"] == 0.2
         assert defaults["l0_weight"] == 0.0 and defaults["refit"] is True
         assert defaults["n_iter_no_change"] == 20
         merge = SoftMergeClassifier(members, max_epochs=2, random_state=0)
