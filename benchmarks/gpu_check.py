@@ -99,6 +99,7 @@ def ratios(arch, members, X, y, X_test, n_epochs=3, repeats=3):
                 members[:k],
                 max_epochs=n_epochs,
                 batch_size=speed.BATCH_SIZE,
+                cv=None,
                 validation_fraction=0,
                 device="cuda",
                 random_state=0,

@@ -166,11 +166,12 @@ def epoch_times(arch, module_class, data, members, n_epochs, repeats):
     for n_members in N_MEMBERS:
 
         def merge(n_members=n_members, max_epochs=n_epochs):
-            # Every epoch over the same samples as the plain loop: no held-out part.
+            # Every epoch over the same samples as the plain loop: no folds.
             SoftMergeClassifier(
                 members[:n_members],
                 max_epochs=max_epochs,
                 batch_size=BATCH_SIZE,
+                cv=None,
                 validation_fraction=0,
                 device="cpu",
                 random_state=0,
@@ -274,6 +275,7 @@ def memory(arch, data, members):
                 members[:n_members],
                 max_epochs=1,
                 batch_size=BATCH_SIZE,
+                cv=None,
                 validation_fraction=0,
                 device="cpu",
                 random_state=0,
@@ -337,7 +339,7 @@ def scale_fit(label, n_members, n_samples=SCALE_SAMPLES, max_epochs=2):
 
 
 def memory_at_scale():
-    """Peak of a default fit (held-out part on) of MLPs of about 1M and 10M
+    """Peak of a default fit (cross-fitting on) of MLPs of about 1M and 10M
     weights, K = 2, 5, 10, against one stack of the members' weights."""
     cases = [(net, k, SCALE_SAMPLES) for net in SCALE_WIDTHS for k in SCALE_MEMBERS]
     rows = []
@@ -415,8 +417,8 @@ def memory_scale_section(rows, command, breakdown):
         "2,000 samples of 40 features unless stated; "
         "`SoftMergeClassifier(members, max_epochs=2, "
         'device="cpu", random_state=0)`, every other parameter at its default '
-        "(neuron gates, the held-out fifth, refit): the peak does not depend on the "
-        "number of epochs. Peak: live torch CPU allocations during `fit` "
+        "(neuron gates, cross-fitting on two folds): the peak does not depend on "
+        "the number of epochs. Peak: live torch CPU allocations during `fit` "
         "(`torch.profiler` memory events), above what existed before; stack: one "
         "float32 copy of all members' weights. Target (issue 17): peak / stack at "
         "most 1.5 for K = 5 and 10 (on 2,000 samples).",
@@ -458,8 +460,9 @@ def memory_scale_section(rows, command, breakdown):
         "rules' one-member gates are expanded columns, not (K, units) "
         "tensors. Where the largest tensor is a smaller share of a member, or "
         "with more members, the ratio is lower (the rows above). Neither the "
-        "data nor an epoch's gate noise is copied whole, and evaluations run "
-        "a few training batches at a time, so that more samples add little "
+        "data nor an epoch's gate noise is copied whole (a fold's samples are "
+        "gathered a few steps at a time from the whole data), and evaluations "
+        "run a few training batches at a time, so that more samples add little "
         "(last row; before these changes, the fit of that row peaked at 69.6 "
         "MiB, 3.47 stacks, with `max_epochs=1, refit=False`).",
         SCALE_END,
@@ -480,9 +483,11 @@ def report(epochs, predicts, memories, settings, command):
         "",
         "### Gate-learning epoch (whole `fit` time / epochs, set-up included)",
         "",
-        "Fits use `validation_fraction=0`, so that every epoch covers the same "
-        "samples as the plain loop (the default held-out fifth adds one forward "
-        "pass over it per epoch). "
+        "Fits use `cv=None, validation_fraction=0`, so that every epoch covers "
+        "the same samples as the plain loop (the default cross-fitting runs two "
+        "folds' epochs, then the final ones, each with one forward pass over the "
+        "fold left out; `benchmarks/quality.py` measures a default fit's cost "
+        "in trainings of one member). "
         "Each fit runs the estimator's default number of epochs; `set-up` is what "
         "a fit costs beyond its epochs (a one-epoch fit less the time of one "
         "epoch, both the fastest of the repeats). Each repeat times every "

@@ -155,7 +155,7 @@ def cross_fit(
         n_skipped += learn(train, max_epochs, record).n_skipped_steps
         folds.append(fold)
     curve = [
-        _mean(_pooled([fold.losses[epoch] for fold in folds]))
+        _mean(pooled([fold.losses[epoch] for fold in folds]))
         for epoch in range(max_epochs + 1)
     ]
     best = _best_epoch(folds, curve)
@@ -163,13 +163,13 @@ def cross_fit(
         merge_errors(deterministic_z(fold.log_alphas[best]), fold.test)
         for fold in folds
     ]
-    errors = {name: _pooled(learned)}
+    errors = {name: pooled(learned)}
     for candidate in book.data_free_rules():
-        errors[candidate.name] = _pooled(
+        errors[candidate.name] = pooled(
             [book.errors(candidate, fold.test) for fold in folds]
         )
     if any(fold.soup.name == GREEDY_SOUP for fold in folds):
-        errors[GREEDY_SOUP] = _pooled(
+        errors[GREEDY_SOUP] = pooled(
             [book.errors(fold.soup, fold.test) for fold in folds]
         )
     return CrossFit(best, curve, errors, folds, n_skipped)
@@ -182,14 +182,24 @@ def _best_epoch(folds, curve) -> int:
     if best == 0:
         return 0
     losses = {
-        "start": _pooled([fold.losses[0] for fold in folds]),
-        "trained": _pooled([fold.losses[best] for fold in folds]),
+        "start": pooled([fold.losses[0] for fold in folds]),
+        "trained": pooled([fold.losses[best] for fold in folds]),
     }
     return best if choose_lowest_loss(losses, "start") == "trained" else 0
 
 
-def _pooled(parts: list[np.ndarray | None]) -> np.ndarray | None:
-    """The parts end to end; ``None`` if any is."""
+def pooled(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    """The parts end to end; ``None`` if any is.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sk_softmerge._crossfit import pooled
+    >>> pooled([np.array([1.0]), np.array([2.0, 3.0])])
+    array([1., 2., 3.])
+    >>> pooled([np.array([1.0]), None]) is None
+    True
+    """
     if any(part is None for part in parts):
         return None
     return np.concatenate(parts)

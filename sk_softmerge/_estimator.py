@@ -26,7 +26,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._base import weighted_samples
 from ._candidates import GREEDY_SOUP, Candidate, RuleBook, choose_start
-from ._crossfit import cross_fit, fold_summary
+from ._crossfit import cross_fit, fold_summary, pooled
 from ._devices import resolve_device
 from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss, weighted
 from ._export import save_merged
@@ -534,16 +534,21 @@ class _Samples:
 
     def _part(self, index):
         if index is None:
-            return slice(None)
+            return torch.arange(self.n_samples, device=self.y.device)
         return torch.as_tensor(index, device=self.y.device)
 
     def errors(self, forward, index=None) -> np.ndarray | None:
         """Per-sample errors of ``forward`` on the samples ``index`` (all for
         ``None``)."""
-        part = self._part(index)
-        found = self.task.errors(
-            forward, self.X[part], self.y[part], self._fit.predict, self._fit.eval_batch
+        fit = self._fit
+        errors = partial(
+            self.task.errors, forward, predict=fit.predict, batch_size=fit.eval_batch
         )
+        if index is None:
+            found = errors(self.X, self.y)
+        else:  # a few batches gathered at a time, not the part copied
+            parts = self._part(index).split(fit.eval_batch)
+            found = pooled([errors(self.X[part], self.y[part]) for part in parts])
         if found is None or self.weights is None:
             return found
         return found * self.weights[slice(None) if index is None else index]
@@ -554,28 +559,30 @@ class _Samples:
 
     def losses(self, index) -> np.ndarray | None:
         """Per-sample task losses of the merger's deterministic gates."""
-        part = self._part(index)
         merger = self._fit.merger
         return per_sample_task_losses(
             merger,
             self._fit.loss,
-            self.X[part],
-            self.y[part],
-            None if self.w is None else self.w[part],
+            self.X,
+            self.y,
+            self.w,
             merger.gates(),
             self._fit.eval_batch,
+            samples=self._part(index),
         )
 
     def learn(self, index, max_epochs: int, after_epoch) -> GateTraining:
-        """Learn the gates on the samples ``index``, their weights of mean 1."""
+        """Learn the gates on the samples ``index``, their weights of mean 1
+        over them; the samples are gathered step by step, not copied."""
         part = self._part(index)
-        w = None if self.w is None else self.w[part] / self.w[part].mean()
+        w = None if self.w is None else self.w / self.w[part].mean()
         return self._estimator._learn(
             self._fit,
-            self.X[part],
-            self.y[part],
+            self.X,
+            self.y,
             max_epochs=max_epochs,
             sample_weight=w,
+            samples=part,
             after_epoch=after_epoch,
         )
 

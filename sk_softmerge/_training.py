@@ -60,6 +60,7 @@ def learn_gates(
     validation: tuple | None = None,
     n_iter_no_change: int | None = None,
     sample_weight: torch.Tensor | None = None,
+    samples: torch.Tensor | None = None,
     after_epoch: Callable[[int], None] | None = None,
     verbose: int = 0,
 ) -> GateTraining:
@@ -118,6 +119,10 @@ def learn_gates(
         Weight of every sample of ``X`` in the task loss, which is then the
         mean over a batch of each sample's loss times its weight (weights of
         mean 1 keep the loss's scale); ``None`` weighs samples equally.
+    samples : torch.Tensor of int, default=None
+        Positions of the samples of ``X`` (and ``y``, ``sample_weight``) to
+        learn on, gathered a few steps at a time rather than copied (a fold of
+        cross-fitting); ``None`` learns on all.
     after_epoch : callable, default=None
         ``after_epoch(epoch)``, called after every epoch (``epoch`` counts
         from 1) with the merger holding that epoch's log-alphas: cross-fitting
@@ -146,7 +151,7 @@ def learn_gates(
     optimizer = Adam(log_alpha, lr)
     if validation is not None and len(validation) == 2:
         validation = (*validation, None)
-    n_samples = X.shape[0]
+    n_samples = X.shape[0] if samples is None else samples.shape[0]
     n_batches = math.ceil(n_samples / batch_size)
     batch_sizes = torch.full((n_batches,), float(batch_size), device=X.device)
     batch_sizes[-1] = n_samples - (n_batches - 1) * batch_size
@@ -167,7 +172,14 @@ def learn_gates(
     for epoch in epochs:
         losses, penalties, skipped = [], [], []
         batches = _shuffled_batches(
-            X, y, sample_weight, log_alpha, batch_size, steps_per_chunk, generator
+            X,
+            y,
+            sample_weight,
+            log_alpha,
+            batch_size,
+            steps_per_chunk,
+            generator,
+            samples,
         )
         for X_batch, y_batch, w_batch, noise in batches:
             output = call(merger, X_batch, gate_noise=noise)
@@ -238,16 +250,21 @@ def _steps_per_chunk(X, batch_size: int, n_gates: int) -> int:
     return max(1, STEP_CHUNK_ELEMENTS // per_step)
 
 
-def _shuffled_batches(X, y, w, log_alpha, batch_size, steps_per_chunk, generator):
-    """One epoch's ``(X, y, w, noise)`` per step: the samples in a random
-    order, ``w`` ``None`` when ``w`` is, and logistic noise of ``log_alpha``'s
-    shape.
+def _shuffled_batches(
+    X, y, w, log_alpha, batch_size, steps_per_chunk, generator, samples=None
+):
+    """One epoch's ``(X, y, w, noise)`` per step: the samples (those at
+    ``samples`` when given) in a random order, ``w`` ``None`` when ``w`` is,
+    and logistic noise of ``log_alpha``'s shape.
 
     A chunk of ``steps_per_chunk`` steps is gathered, and its noise drawn, in
     one call each, so that batches are views; the draws follow one another
     from ``generator`` as if the whole epoch's were drawn at once.
     """
-    order = torch.randperm(X.shape[0], generator=generator, device=X.device)
+    n_samples = X.shape[0] if samples is None else samples.shape[0]
+    order = torch.randperm(n_samples, generator=generator, device=X.device)
+    if samples is not None:
+        order = samples[order]
     for chunk in order.split(steps_per_chunk * batch_size):
         n_steps = -(-chunk.shape[0] // batch_size)
         noise = logistic_noise(
@@ -309,18 +326,23 @@ def _significantly_better(
 
 
 @torch.no_grad()
-def per_sample_task_losses(merger, loss_fn, X, y, w, gates, batch_size=1024):
+def per_sample_task_losses(
+    merger, loss_fn, X, y, w, gates, batch_size=1024, samples=None
+):
     """Task loss of every sample (``loss_fn`` on a batch of one, vectorised),
-    times its weight ``w`` (when not ``None``); ``None`` when some loss is not
+    times its weight ``w`` (when not ``None``), of all of ``X`` or of the
+    samples at the positions ``samples``; ``None`` when some loss is not
     finite."""
+    if samples is None:
+        samples = torch.arange(X.shape[0], device=X.device)
     losses = torch.cat(
         [
             _losses_of_batch(loss_fn, call(merger, X[batch], gates=gates), y[batch])
-            for batch in torch.arange(X.shape[0], device=X.device).split(batch_size)
+            for batch in samples.split(batch_size)
         ]
     )
     if w is not None:
-        losses = losses * w
+        losses = losses * w[samples]
     return losses.cpu().numpy() if torch.isfinite(losses).all() else None
 
 

@@ -135,7 +135,9 @@ class TestRefit:
         learn_gates = sk_softmerge._estimator.learn_gates
 
         def recording(merger, loss, X, y, **kwargs):
-            calls.append((len(X), kwargs["max_epochs"], merger.gates().detach()))
+            samples = kwargs.get("samples")
+            n = len(X) if samples is None else len(samples)
+            calls.append((n, kwargs["max_epochs"], merger.gates().detach()))
             return learn_gates(merger, loss, X, y, **kwargs)
 
         monkeypatch.setattr(sk_softmerge._estimator, "learn_gates", recording)

@@ -7,7 +7,7 @@ from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from sklearn.utils._param_validation import InvalidParameterError
 
 import sk_softmerge._estimator
-from sk_softmerge import SoftMergeClassifier, SoftMergeRegressor
+from sk_softmerge import SoftMerge, SoftMergeClassifier, SoftMergeRegressor
 from sk_softmerge._candidates import Candidate, RuleBook
 from sk_softmerge._crossfit import cross_fit, fold_summary
 from sk_softmerge._training import GateTraining
@@ -148,28 +148,20 @@ class TestNeverWorse:
 
 
 class TestCrossFit:
-    """The function itself, on a merger of two linear members."""
+    """The function itself, on a merger of two linear members, 12 samples in
+    3 folds, 2 epochs each."""
 
     @pytest.fixture
-    def setting(self):
+    def run(self):
         torch.manual_seed(0)
-        from sk_softmerge import SoftMerge
-
-        members = [torch.nn.Linear(3, 2) for _ in range(2)]
-        merger = SoftMerge(members)
-        errors = [np.zeros(12), np.ones(12)]
+        merger = SoftMerge([torch.nn.Linear(3, 2) for _ in range(2)])
         book = RuleBook(
             merger.gates().detach(),
             [0, 1],
-            errors,
+            [np.zeros(12), np.ones(12)],
             lambda gates: np.full(12, 0.5),
             lambda e: 1 - e.mean(),
         )
-        splits = list(KFold(3).split(np.zeros((12, 1))))
-        return merger, book, splits
-
-    def test_every_sample_scored_once_out_of_fold(self, setting):
-        merger, book, splits = setting
         seen = []
 
         def learn(index, max_epochs, after_epoch):
@@ -178,17 +170,24 @@ class TestCrossFit:
                 after_epoch(epoch + 1)
             return GateTraining(n_skipped_steps=1)
 
-        result = cross_fit(
-            merger,
-            book,
-            splits,
-            choose_start=lambda candidates, errors: candidates[1],
-            learn=learn,
-            held_out_losses=lambda index: np.ones(len(index)),
-            merge_errors=lambda gates, index: np.zeros(len(index)),
-            max_epochs=2,
-            magnitude=3.0,
-        )
+        def run(start, held_out_losses):
+            result = cross_fit(
+                merger,
+                book,
+                list(KFold(3).split(np.zeros((12, 1)))),
+                choose_start=lambda candidates, errors: candidates[start],
+                learn=learn,
+                held_out_losses=held_out_losses,
+                merge_errors=lambda gates, index: np.zeros(len(index)),
+                max_epochs=2,
+                magnitude=3.0,
+            )
+            return result, seen
+
+        return run
+
+    def test_every_sample_scored_once_out_of_fold(self, run):
+        result, seen = run(1, lambda index: np.ones(len(index)))
         assert [len(index) for index in seen] == [8, 8, 8]
         assert result.n_skipped_steps == 3
         assert all(len(errors) == 12 for errors in result.errors.values())
@@ -198,25 +197,16 @@ class TestCrossFit:
         np.testing.assert_array_equal(summary["scores"]["member 1"], [0.0] * 3)
         assert summary["start"] == ["member 0"] * 3
 
-    def test_significantly_lower_loss_chooses_its_epoch(self, setting):
-        merger, book, splits = setting
+    def test_significantly_lower_loss_chooses_its_epoch(self, run):
         losses = iter([np.ones(4), np.full(4, 0.2), np.full(4, 0.5)] * 3)
-
-        def learn(index, max_epochs, after_epoch):
-            for epoch in range(max_epochs):
-                after_epoch(epoch + 1)
-            return GateTraining()
-
-        result = cross_fit(
-            merger,
-            book,
-            splits,
-            choose_start=lambda candidates, errors: candidates[0],
-            learn=learn,
-            held_out_losses=lambda index: next(losses),
-            merge_errors=lambda gates, index: np.zeros(len(index)),
-            max_epochs=2,
-            magnitude=3.0,
-        )
+        result, _ = run(0, lambda index: next(losses))
         assert result.best_epoch == 1
         assert isinstance(result.folds[0].start, Candidate)
+
+    def test_lower_loss_within_the_noise_keeps_the_start(self, run):
+        rng = np.random.default_rng(0)
+        noise = [rng.normal(0, 1, 4) for _ in range(3)]
+        losses = iter([e for n in noise for e in (1 + n, 0.95 + n[::-1], 1 + n)])
+        result, _ = run(0, lambda index: next(losses))
+        assert result.validation_loss_curve[1] < result.validation_loss_curve[0]
+        assert result.best_epoch == 0
