@@ -32,15 +32,11 @@ from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss, weighted
 from ._export import save_merged
 from ._inputs import check_forward, to_device
 from ._matching import ALIGNMENTS, align_modules
-from ._merging import SoftMerge
+from ._merging import INIT_LOG_ALPHA, SoftMerge
 from ._repair import member_moments, repair_sites
 from ._screening import nonfinite_members, screen
 from ._tasks import ClassificationTask, Task, prediction_function
 from ._training import GateTraining, learn_gates, per_sample_task_losses
-
-INIT_LOG_ALPHA = 3.0
-"""Magnitude of the starting log-alphas: open gates of the starting rule start
-at this value (deterministic gate 1), all others at minus it (gate 0)."""
 
 MAX_START_SAMPLES = 1024
 """The fixed rules are compared on at most this many samples that the gates

@@ -34,6 +34,11 @@ from ._inputs import to_device
 from ._repair import Repair
 from ._units import find_units, select_parameters
 
+INIT_LOG_ALPHA = 3.0
+"""Magnitude of starting log-alphas: an open gate starts at this value
+(deterministic gate exactly 1), a closed one at minus it (exactly 0), both
+still within reach of training."""
+
 
 class SoftMerge(torch.nn.Module):
     """Merge modules of one architecture through learnable hard-concrete gates.
@@ -49,13 +54,13 @@ class SoftMerge(torch.nn.Module):
         Modules with identical parameter names, shapes and dtypes. The first
         one is the reference for everything that is not merged, until
         :meth:`set_reference` names another.
-    granularity : {"layer", "tensor", "neuron"}, default="layer"
+    granularity : {"neuron", "layer", "tensor"}, default="neuron"
         How weights are grouped into units that share a gate; see
         :func:`find_units`.
     merge : None, str or list of str, default=None
         Name patterns of the parameters to merge (see :func:`select_parameters`);
         ``None`` merges all of them.
-    init_log_alpha : float, default=3.0
+    init_log_alpha : float, default=INIT_LOG_ALPHA
         Initial log-alpha of every gate; large values start with open gates,
         that is from the uniform average of the members.
     device : str or torch.device, default=None
@@ -110,17 +115,19 @@ class SoftMerge(torch.nn.Module):
     >>> merger = SoftMerge(members)
     >>> merger(torch.ones(5, 3)).shape
     torch.Size([5, 2])
-    >>> merger.gates().shape
-    torch.Size([4, 1])
+    >>> merger.gates().shape   # one gate per member and output unit
+    torch.Size([4, 2])
+    >>> merger.unit_names
+    ['[0]', '[1]']
     """
 
     def __init__(
         self,
         modules: Sequence[torch.nn.Module],
         *,
-        granularity: str = "layer",
+        granularity: str = "neuron",
         merge=None,
-        init_log_alpha: float = 3.0,
+        init_log_alpha: float = INIT_LOG_ALPHA,
         device=None,
     ):
         super().__init__()
@@ -179,7 +186,9 @@ class SoftMerge(torch.nn.Module):
         self.template = template.train(training)
 
     @torch.no_grad()
-    def start_from(self, gates: torch.Tensor, magnitude: float = 3.0) -> None:
+    def start_from(
+        self, gates: torch.Tensor, magnitude: float = INIT_LOG_ALPHA
+    ) -> None:
         """Set every log-alpha to ``magnitude`` where ``gates`` is open, else
         to ``-magnitude``: the deterministic gates become those 0/1 gates.
 
@@ -187,7 +196,7 @@ class SoftMerge(torch.nn.Module):
         ----------
         gates : torch.Tensor of shape (n_members, n_units)
             Gates to start from; open where positive.
-        magnitude : float, default=3.0
+        magnitude : float, default=INIT_LOG_ALPHA
             Size of the log-alphas; 3 gives deterministic gates of exactly 0
             and 1 that training can still move.
 

@@ -136,7 +136,7 @@ def screen(merger) -> torch.Tensor:
     >>> members = [torch.nn.Linear(2, 2) for _ in range(3)]
     >>> with torch.no_grad():
     ...     _ = members[1].weight.mul_(1e3)
-    >>> screen(SoftMerge(members)).flatten().tolist()
+    >>> screen(SoftMerge(members, granularity="layer")).flatten().tolist()
     [False, True, False]
     """
     return extreme_units(merger.theta, merger.unit_index, len(merger.units))

@@ -92,7 +92,9 @@ class SoupBase(BaseEstimator):
         from the first, batch-norm statistics recomputed on ``X``."""
         # Stacking only the ingredients: a left-out member holding NaN would
         # otherwise spoil the average (0 * nan is nan).
-        soup = SoftMerge([nets[i].module_ for i in ingredients])
+        # All gates open: one gate per layer gives the same average.
+        modules = [nets[i].module_ for i in ingredients]
+        soup = SoftMerge(modules, granularity="layer")
         return soup.merged_state_dict(statistics_from=X)
 
     @classmethod

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from ._adam import Adam
 from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss
 from ._gates import deterministic_z, expected_l0_with_slope, logistic_noise
 from ._inputs import call, is_dict
@@ -52,9 +53,9 @@ def learn_gates(
     X: torch.Tensor,
     y: torch.Tensor,
     *,
-    l0_weight: float = 1e-2,
-    max_epochs: int = 20,
-    lr: float = 5e-2,
+    l0_weight: float = 0.0,
+    max_epochs: int = 12,
+    lr: float = 0.2,
     batch_size: int = 128,
     generator: torch.Generator | None = None,
     validation: tuple | None = None,
@@ -98,11 +99,11 @@ def learn_gates(
         ``loss_fn(output, y_batch)`` returning the mean task loss.
     X, y : torch.Tensor
         Training inputs and targets, on the merger's device.
-    l0_weight : float, default=1e-2
+    l0_weight : float, default=0.0
         Weight of the mean expected L0 penalty.
-    max_epochs : int, default=20
+    max_epochs : int, default=12
         Number of passes over the data.
-    lr : float, default=5e-2
+    lr : float, default=0.2
         Adam learning rate on the log-alphas.
     batch_size : int, default=128
         Samples per step.
@@ -148,29 +149,27 @@ def learn_gates(
     2
     """
     log_alpha = merger.log_alpha
-    optimizer = Adam(log_alpha, lr)
-    if validation is not None and len(validation) == 2:
-        validation = (*validation, None)
     n_samples = X.shape[0] if samples is None else samples.shape[0]
-    n_batches = math.ceil(n_samples / batch_size)
-    batch_sizes = torch.full((n_batches,), float(batch_size), device=X.device)
-    batch_sizes[-1] = n_samples - (n_batches - 1) * batch_size
-    result = GateTraining()
-    eval_batch = EVALUATION_BATCHES * batch_size
+    held_out = None
     if validation is not None:
-        start_log_alpha = log_alpha.detach().clone()
-        best_log_alpha = start_log_alpha.clone()
-        result.validation_loss_curve.append(
-            _mean_task_loss(merger, loss_fn, *validation, batch_size=eval_batch)
+        held_out = _HeldOut(
+            merger,
+            loss_fn,
+            validation,
+            EVALUATION_BATCHES * batch_size,
+            n_iter_no_change,
         )
-    epochs = tqdm(
-        range(max_epochs), desc="learning gates", unit="epoch", disable=verbose <= 0
-    )
-    # The penalty's gradient, l0_weight * mean(l0)', is added in closed form.
-    penalty_scale = l0_weight / log_alpha.numel()
+    step = _Step(merger, loss_fn, Adam(log_alpha, lr), l0_weight)
+    batch_sizes = _batch_sizes(n_samples, batch_size, X.device)
     steps_per_chunk = _steps_per_chunk(X, batch_size, log_alpha.numel())
+    result = GateTraining()
+    epochs = tqdm(
+        range(1, max_epochs + 1),
+        desc="learning gates",
+        unit="epoch",
+        disable=verbose <= 0,
+    )
     for epoch in epochs:
-        losses, penalties, skipped = [], [], []
         batches = _shuffled_batches(
             X,
             y,
@@ -181,65 +180,145 @@ def learn_gates(
             generator,
             samples,
         )
-        for X_batch, y_batch, w_batch, noise in batches:
-            output = call(merger, X_batch, gate_noise=noise)
-            loss = _task_loss(loss_fn, output, y_batch, w_batch)
-            # autograd.grad spares zero_grad and the accumulation into .grad.
-            (grad,) = torch.autograd.grad(loss, log_alpha)
-            if l0_weight:
-                l0, l0_slope = expected_l0_with_slope(log_alpha.detach())
-                grad.add_(l0_slope, alpha=penalty_scale)
-                penalties.append(l0.sum())
-                del l0, l0_slope
-            # A sampled merge that overflows (a malicious member's gate drawn
-            # open) gives no usable step: Adam skips it, without a sync.
-            loss = loss.detach()
-            skip = _not_finite(loss, grad)
-            optimizer.step(grad, skip=skip)
-            # Not held through the next step's backward pass.
-            del output, grad
-            losses.append(loss)
-            skipped.append(skip)
-        mean_loss, n_skipped = _epoch_summary(
-            losses,
-            penalty_scale * torch.stack(penalties) if l0_weight else None,
-            torch.stack(skipped),
-            batch_sizes,
-        )
+        mean_loss, n_skipped = step.epoch(batches, batch_sizes)
         result.loss_curve.append(mean_loss)
         result.n_skipped_steps += n_skipped
         if after_epoch is not None:
-            after_epoch(epoch + 1)
-        postfix = {"loss": f"{result.loss_curve[-1]:.4f}"}
-        if validation is not None:
-            result.validation_loss_curve.append(
-                _mean_task_loss(merger, loss_fn, *validation, batch_size=eval_batch)
-            )
-            if result.validation_loss_curve[-1] < min(
-                result.validation_loss_curve[:-1]
-            ):
-                best_log_alpha.copy_(log_alpha.detach())
-                result.best_epoch = epoch + 1
-            postfix["val_loss"] = f"{result.validation_loss_curve[-1]:.4f}"
+            after_epoch(epoch)
+        if held_out is not None:
+            held_out.record(epoch)
         if verbose > 0:
-            n_open = int((merger.gates() > 0).sum())
-            postfix["open_gates"] = f"{n_open}/{log_alpha.numel()}"
-            epochs.set_postfix(postfix)
-        if (
-            validation is not None
-            and n_iter_no_change is not None
-            and epoch + 1 - result.best_epoch >= n_iter_no_change
-        ):
+            epochs.set_postfix(_progress(merger, mean_loss, held_out))
+        if held_out is not None and held_out.patience_spent(epoch):
             break
-    if validation is None:
+    if held_out is None:
         result.best_epoch = len(result.loss_curve)
-        return result
-    if result.best_epoch > 0 and not _significantly_better(
-        merger, loss_fn, *validation, best_log_alpha, start_log_alpha, eval_batch
-    ):
-        best_log_alpha, result.best_epoch = start_log_alpha, 0
-    merger.set_log_alpha(best_log_alpha)
+    else:
+        result.best_epoch = held_out.keep_best()
+        result.validation_loss_curve = held_out.curve
     return result
+
+
+class _Step:
+    """One gradient step of the gates, and an epoch of them.
+
+    A step draws every gate at once (the noise comes with the batch), forms
+    the merged tensors, runs one forward pass, adds the L0 penalty's gradient
+    in closed form and updates the log-alphas with Adam, skipping a step whose
+    loss or gradient is not finite without reading anything back.
+    """
+
+    def __init__(self, merger, loss_fn, optimizer, l0_weight):
+        self.merger, self.loss_fn, self.optimizer = merger, loss_fn, optimizer
+        self.l0_weight = l0_weight
+        # The penalty's gradient, l0_weight * mean(l0)', is added in closed form.
+        self.penalty_scale = l0_weight / merger.log_alpha.numel()
+
+    def epoch(self, batches, batch_sizes) -> tuple[float, int]:
+        """Run a step on each ``(X, y, w, noise)`` of ``batches``; returns the
+        epoch's mean objective and the number of skipped steps."""
+        losses, penalties, skipped = [], [], []
+        for batch in batches:
+            loss, penalty, skip = self(*batch)
+            losses.append(loss)
+            skipped.append(skip)
+            if penalty is not None:
+                penalties.append(penalty)
+        return _epoch_summary(
+            losses,
+            self.penalty_scale * torch.stack(penalties) if self.l0_weight else None,
+            torch.stack(skipped),
+            batch_sizes,
+        )
+
+    def __call__(self, X_batch, y_batch, w_batch, noise):
+        """One step; returns the task loss, the summed expected L0 (``None``
+        without penalty) and whether the step was skipped, all on the device."""
+        log_alpha = self.merger.log_alpha
+        output = call(self.merger, X_batch, gate_noise=noise)
+        loss = _task_loss(self.loss_fn, output, y_batch, w_batch)
+        # autograd.grad spares zero_grad and the accumulation into .grad.
+        (grad,) = torch.autograd.grad(loss, log_alpha)
+        # Not held through the next step's backward pass.
+        del output
+        penalty = None
+        if self.l0_weight:
+            l0, l0_slope = expected_l0_with_slope(log_alpha.detach())
+            grad.add_(l0_slope, alpha=self.penalty_scale)
+            penalty = l0.sum()
+        # A sampled merge that overflows (a malicious member's gate drawn
+        # open) gives no usable step: Adam skips it, without a sync.
+        loss = loss.detach()
+        skip = _not_finite(loss, grad)
+        self.optimizer.step(grad, skip=skip)
+        return loss, penalty, skip
+
+
+class _HeldOut:
+    """What ``learn_gates`` does with validation data: the task loss of the
+    deterministic merge on them before learning and after every epoch, the
+    log-alphas of the epoch of lowest loss, and early stopping."""
+
+    def __init__(self, merger, loss_fn, validation, batch_size, n_iter_no_change):
+        self.merger, self.loss_fn = merger, loss_fn
+        self.data = validation if len(validation) == 3 else (*validation, None)
+        self.batch_size, self.n_iter_no_change = batch_size, n_iter_no_change
+        self.start = merger.log_alpha.detach().clone()
+        self.best = self.start.clone()
+        self.best_epoch = 0
+        self.curve = [self._loss()]
+
+    def _loss(self) -> float:
+        return _mean_task_loss(
+            self.merger, self.loss_fn, *self.data, batch_size=self.batch_size
+        )
+
+    def record(self, epoch: int) -> None:
+        """Measure the loss after ``epoch``; keep its gates if it is the lowest."""
+        self.curve.append(self._loss())
+        if self.curve[-1] < min(self.curve[:-1]):
+            self.best.copy_(self.merger.log_alpha.detach())
+            self.best_epoch = epoch
+
+    def patience_spent(self, epoch: int) -> bool:
+        """Whether ``n_iter_no_change`` epochs in a row brought no new lowest
+        loss."""
+        if self.n_iter_no_change is None:
+            return False
+        return epoch - self.best_epoch >= self.n_iter_no_change
+
+    def keep_best(self) -> int:
+        """Set the merger's log-alphas to the best epoch's if they beat the
+        start significantly, else to the start's; returns the epoch kept."""
+        if self.best_epoch > 0 and not _significantly_better(
+            self.merger,
+            self.loss_fn,
+            *self.data,
+            self.best,
+            self.start,
+            self.batch_size,
+        ):
+            self.best, self.best_epoch = self.start, 0
+        self.merger.set_log_alpha(self.best)
+        return self.best_epoch
+
+
+def _batch_sizes(n_samples: int, batch_size: int, device) -> torch.Tensor:
+    """The size of every step's batch in an epoch of ``n_samples``."""
+    n_batches = math.ceil(n_samples / batch_size)
+    sizes = torch.full((n_batches,), float(batch_size), device=device)
+    sizes[-1] = n_samples - (n_batches - 1) * batch_size
+    return sizes
+
+
+def _progress(merger, mean_loss: float, held_out) -> dict:
+    """The progress bar's postfix: the loss, the held-out loss, open gates."""
+    postfix = {"loss": f"{mean_loss:.4f}"}
+    if held_out is not None:
+        postfix["val_loss"] = f"{held_out.curve[-1]:.4f}"
+    n_open = int((merger.gates() > 0).sum())
+    postfix["open_gates"] = f"{n_open}/{merger.log_alpha.numel()}"
+    return postfix
 
 
 def _steps_per_chunk(X, batch_size: int, n_gates: int) -> int:
@@ -377,146 +456,3 @@ def _mean_task_loss(merger, loss_fn, X, y, w=None, gates=None, batch_size=1024):
         total += _task_loss(loss_fn, output, y[batch], weights) * batch.shape[0]
     loss = total.item() / X.shape[0]
     return loss if math.isfinite(loss) else math.inf
-
-
-class Adam:
-    """Adam on one tensor, updated in place, as :class:`torch.optim.Adam` does.
-
-    ``torch.optim.Adam`` spends longer on its Python bookkeeping than on the
-    update of a few dozen log-alphas: about 80 us a step, a tenth of a whole
-    step on a small net. The same update in six tensor operations costs a
-    third of that.
-
-    A step can be skipped: :meth:`step` takes a boolean tensor ``skip`` and,
-    when it is true, leaves the parameter, both moments and the step count
-    exactly as they were. On the CPU the flag is simply read, as there is no
-    device to wait for. Elsewhere it is never read back: the update is masked
-    on the device, where the step count lives and picks the step's bias
-    corrections from a table of them; that costs a dozen operations.
-
-    Parameters
-    ----------
-    parameter : torch.Tensor
-        The tensor to update.
-    lr : float
-        Learning rate.
-    betas : tuple of float, default=(0.9, 0.999)
-        Decay rates of the first and second moment estimates.
-    eps : float, default=1e-8
-        Added to the root of the second moment.
-    masked : bool, default=None
-        Whether to skip steps by masking the update on the device rather than
-        by reading ``skip``; ``None`` masks unless the parameter is on the CPU.
-
-    Attributes
-    ----------
-    exp_avg, exp_avg_sq : torch.Tensor
-        First and second moment estimates, of the parameter's shape.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sk_softmerge._training import Adam
-    >>> x = torch.zeros(2)
-    >>> optimizer = Adam(x, lr=0.1)
-    >>> optimizer.step(torch.tensor([1.0, -2.0]))
-    >>> x
-    tensor([-0.1000,  0.1000])
-    >>> optimizer.step(torch.tensor([float("nan"), 1.0]), skip=torch.tensor(True))
-    >>> x, optimizer.n_steps
-    (tensor([-0.1000,  0.1000]), 1)
-    """
-
-    def __init__(self, parameter, lr, betas=(0.9, 0.999), eps=1e-8, masked=None):
-        self.parameter = parameter
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.masked = parameter.device.type != "cpu" if masked is None else masked
-        like = {"dtype": parameter.dtype, "device": parameter.device}
-        # Both moments in one tensor, so that one operation decays both.
-        self._moments = torch.zeros((2, *parameter.shape), **like)
-        self.exp_avg, self.exp_avg_sq = self._moments.unbind()
-        # Zero-dimensional, so that no Python number is wrapped per step.
-        self._eps = torch.tensor(eps, dtype=torch.float64)
-        self._beta2 = torch.tensor(betas[1], dtype=torch.float64)
-        self._n_steps = 0  # a Python number unless masked
-        if self.masked:
-            self._n_steps = torch.zeros(1, dtype=torch.int64, device=like["device"])
-            self._betas = torch.tensor(betas, **like).view(2, *[1] * parameter.dim())
-            self._no_skip = torch.zeros((), dtype=torch.bool, device=like["device"])
-            # An upper bound on the steps taken, known without reading them.
-            self._n_calls = 0
-            self._scales = self._bias_corrections(1024)
-
-    @property
-    def n_steps(self) -> int:
-        """The number of steps taken, skipped ones excluded (read back from
-        the device when masked)."""
-        return int(self._n_steps)
-
-    @torch.no_grad()
-    def step(self, grad: torch.Tensor, skip: torch.Tensor | None = None) -> None:
-        """Update the parameter with ``grad``, unless ``skip`` is true.
-
-        Parameters
-        ----------
-        grad : torch.Tensor
-            Gradient, of the parameter's shape.
-        skip : torch.Tensor of dtype bool and shape (), default=None
-            On the parameter's device. True skips the step: the parameter, the
-            moments and the step count are left exactly as they were, whatever
-            ``grad`` holds (NaN included). ``None`` takes the step.
-        """
-        if self.masked:
-            self._masked_step(grad, self._no_skip if skip is None else skip)
-        elif skip is None or not skip:
-            self._step(grad)
-
-    def _step(self, grad):
-        beta1, beta2 = self.betas
-        self._n_steps += 1
-        self.exp_avg.lerp_(grad, 1.0 - beta1)
-        # Not lerp_: from an infinite moment it would give inf - inf = NaN.
-        self.exp_avg_sq.mul_(self._beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        bias_correction1 = 1.0 - beta1**self._n_steps
-        bias_correction2 = 1.0 - beta2**self._n_steps
-        # eps + sqrt(v / bias_correction2), as torch.optim.Adam computes it.
-        denom = torch.add(
-            self._eps, self.exp_avg_sq.sqrt(), alpha=1.0 / math.sqrt(bias_correction2)
-        )
-        self.parameter.addcdiv_(self.exp_avg, denom, value=-self.lr / bias_correction1)
-
-    def _masked_step(self, grad, skip):
-        self._n_calls += 1
-        if self._n_calls >= len(self._scales):
-            self._scales = self._bias_corrections(2 * len(self._scales))
-        beta1, beta2 = self.betas
-        take = ~skip
-        # Zeros for a skipped step, whose gradient may hold NaN (0 * NaN is
-        # NaN), and moments decayed by (1, 1): both kept exactly.
-        grad = torch.where(take, grad, 0.0)
-        self._moments.mul_(torch.where(take, self._betas, 1.0))
-        self.exp_avg.add_(grad, alpha=1.0 - beta1)
-        self.exp_avg_sq.addcmul_(grad, grad, value=1.0 - beta2)
-        self._n_steps.add_(take)
-        # index_select, not indexing: a tensor index would be read back.
-        scale, offset = self._scales.index_select(0, self._n_steps * take)[0]
-        denom = self.exp_avg_sq.sqrt().add_(offset)
-        self.parameter.addcdiv_(self.exp_avg * scale, denom)
-
-    def _bias_corrections(self, n_rows: int) -> torch.Tensor:
-        """Row ``n``: the scales ``(a, b)`` of step ``n``, whose update is
-        ``a * exp_avg / (sqrt(exp_avg_sq) + b)``; row 0, of a skipped step,
-        moves nothing over a denominator that is never zero.
-
-        With ``c1 = 1 - beta1**n`` and ``c2 = 1 - beta2**n``, ``a = -lr *
-        sqrt(c2) / c1`` and ``b = eps * sqrt(c2)``: torch.optim.Adam's
-        ``-lr / c1 * exp_avg / (sqrt(exp_avg_sq / c2) + eps)``, with the
-        corrections in float64 as it computes them.
-        """
-        beta1, beta2 = self.betas
-        device = self.parameter.device
-        n = torch.arange(1, n_rows, dtype=torch.float64, device=device)
-        root2 = (1.0 - beta2**n).sqrt()
-        steps = torch.stack([-self.lr * root2 / (1.0 - beta1**n), self.eps * root2], 1)
-        skipped = torch.tensor([[0.0, 1.0]], dtype=torch.float64, device=device)
-        return torch.cat([skipped, steps]).to(self.parameter.dtype)

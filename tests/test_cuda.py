@@ -7,8 +7,8 @@ import torch
 from skorch import NeuralNetClassifier
 
 from sk_softmerge import SoftMerge, SoftMergeClassifier, _fastmerge
+from sk_softmerge._adam import Adam
 from sk_softmerge._gates import logistic_noise
-from sk_softmerge._training import Adam
 
 from conftest import predict_without_cuda
 

@@ -109,7 +109,7 @@ class TestSoftMerge:
         torch.testing.assert_close(merger(x), module(x))
 
     def test_unmerged_parameters_come_from_first_module(self, modules):
-        merger = SoftMerge(modules, merge="2")
+        merger = SoftMerge(modules, merge="2", granularity="layer")
         assert merger.unit_names == ["2"]
         state = merger.merged_state_dict()
         torch.testing.assert_close(state["0.weight"], modules[0][0].weight)
