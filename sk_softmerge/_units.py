@@ -6,6 +6,7 @@ patterns choose which parameters are merged at all.
 """
 
 import fnmatch
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,7 +55,9 @@ def select_parameters(module: torch.nn.Module, merge=None) -> list[str]:
     Raises
     ------
     ValueError
-        If a pattern selects nothing.
+        If a pattern selects nothing; for the name of one unit of neuron gates
+        (``"2[1]"``, as ``unit_names_`` lists them) the message names the layer
+        to write instead.
 
     Examples
     --------
@@ -77,12 +80,27 @@ def select_parameters(module: torch.nn.Module, merge=None) -> list[str]:
         hits = {name for name in names if _matches(name, pattern)}
         if not hits:
             modules = sorted({name.rpartition(".")[0] for name in names})
+            _refuse_unit_name(pattern, modules)
             raise ValueError(
                 f"merge pattern {pattern!r} matches no parameter or module. "
                 f"Modules holding parameters: {modules}; parameters: {names}."
             )
         selected |= hits
     return [name for name in names if name in selected]
+
+
+def _refuse_unit_name(pattern: str, modules: list[str]) -> None:
+    """Raise, saying what to write instead, when ``pattern`` is the name of one
+    unit of neuron gates (``"body.4[9]"``, as ``unit_names_`` lists them):
+    ``merge`` selects whole layers, whose every unit then has its own gates."""
+    found = re.fullmatch(r"(.*)\[(\d+)\]", pattern)
+    if found and found[1] in modules:
+        raise ValueError(
+            f"merge pattern {pattern!r} names one output unit of layer "
+            f"{found[1]!r}, as unit_names_ does; merge selects whole layers or "
+            f"parameters. Write {found[1]!r} to merge that layer: with "
+            f'granularity="neuron" each of its units still gets its own gates.'
+        )
 
 
 def _matches(name: str, pattern: str) -> bool:

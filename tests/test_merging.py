@@ -48,6 +48,12 @@ class TestSelectParameters:
         ):
             select_parameters(modules[0], ["0", "fc9"])
 
+    def test_unit_name_of_neuron_gates_says_to_name_the_layer(self, modules):
+        names = SoftMerge(modules).unit_names
+        assert "2[1]" in names
+        with pytest.raises(ValueError, match=r"'2\[1\]' names one output unit.*'2'"):
+            select_parameters(modules[0], "2[1]")
+
     def test_non_string_pattern(self, modules):
         with pytest.raises(TypeError, match="merge patterns must be strings; got int"):
             select_parameters(modules[0], [0])
