@@ -33,7 +33,7 @@ from ._export import save_merged
 from ._inputs import check_forward, to_device
 from ._matching import ALIGNMENTS, align_modules
 from ._merging import INIT_LOG_ALPHA, SoftMerge
-from ._repair import member_moments, repair_sites
+from ._repair import member_moments, repair_of, repair_sites
 from ._screening import nonfinite_members, screen
 from ._tasks import ClassificationTask, Task, prediction_function
 from ._training import GateTraining, learn_gates, per_sample_task_losses
@@ -364,7 +364,9 @@ class _SoftMergeBase(BaseEstimator):
             moments = member_moments(
                 modules[0], states, sites, data.X, device=merger.theta.device
             )
-            self.repaired_layers_ = [s.layer for s in merger.set_repair(sites, moments)]
+            repair, kept = repair_of(merger, sites, moments)
+            merger.set_repair(repair)
+            self.repaired_layers_ = [site.layer for site in kept]
         return merger, (~screened).to(merger.log_alpha.dtype), rows[row]
 
     def _select(self, task, merger, candidates, errors, evaluate, data) -> Candidate:

@@ -12,6 +12,7 @@ The reduction, and running the template with its results, is the fast path of
 
 import copy
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -31,13 +32,25 @@ from ._fastmerge import (
 )
 from ._gates import deterministic_z, expected_l0, hard_concrete, sample_z
 from ._inputs import to_device
-from ._repair import Repair
 from ._units import find_units, select_parameters
 
 INIT_LOG_ALPHA = 3.0
 """Magnitude of starting log-alphas: an open gate starts at this value
 (deterministic gate exactly 1), a closed one at minus it (exactly 0), both
 still within reach of training."""
+
+
+class UnitCorrection(Protocol):
+    """What :meth:`SoftMerge.set_repair` takes: a correction of merged units'
+    statistics (REPAIR, built by the alignment subsystem), which the merger
+    only calls, never builds."""
+
+    def applied(self, template: torch.nn.Module, weights: torch.Tensor):
+        """A context in which ``template``'s forward passes are corrected,
+        ``weights`` the members' mixing weights of every unit."""
+
+    def fold(self, template, state, weights, X, device) -> dict:
+        """``state`` with the correction measured on ``X`` folded into it."""
 
 
 class SoftMerge(torch.nn.Module):
@@ -142,7 +155,7 @@ class SoftMerge(torch.nn.Module):
         self._aliases = _tied_aliases(self.template, names)
         self._binding = TemplateBinding(self.template, names, self._aliases)
         self._layout = FlatLayout([self.template.get_parameter(n).shape for n in names])
-        self._repair: Repair | None = None
+        self._repair: UnitCorrection | None = None
 
         theta = self._layout.stack(
             [[member.get_parameter(name) for name in names] for member in modules],
@@ -234,71 +247,21 @@ class SoftMerge(torch.nn.Module):
         """
         self.log_alpha.copy_(log_alpha)
 
-    def set_repair(self, sites, moments) -> list:
-        """Correct the statistics of merged hidden units (REPAIR).
+    def set_repair(self, correction: "UnitCorrection | None") -> None:
+        """Correct the statistics of merged hidden units (REPAIR), or stop.
 
-        From now on, a forward pass renormalises the output units of the
-        ``sites`` with each batch's statistics to the gate-weighted average of
-        the members' ``moments``, and :meth:`merged_state_dict` folds that
-        correction, measured on its ``statistics_from`` data, into the merged
-        weights (see :mod:`sk_softmerge._repair`). Sites whose layer weight is
-        not merged are left out.
+        From now on, a forward pass runs inside ``correction.applied`` (which
+        renormalises the corrected units with each batch's statistics) and
+        :meth:`merged_state_dict` folds the correction, measured on its
+        ``statistics_from`` data, into the merged weights. Build one with
+        :func:`sk_softmerge._align._repair.repair_of`.
 
         Parameters
         ----------
-        sites : sequence of RepairSite
-            From :func:`~sk_softmerge._repair.repair_sites`.
-        moments : sequence of (array-like, array-like)
-            Per site, the members' unit means and standard deviations, of
-            shape ``(n_members, n_units)``, in the order of the merger's
-            members (:func:`~sk_softmerge._repair.member_moments`).
-
-        Returns
-        -------
-        sites : list of RepairSite
-            The sites corrected.
-
-        Examples
-        --------
-        >>> import torch
-        >>> from sk_softmerge import SoftMerge
-        >>> from sk_softmerge._repair import member_moments, repair_sites
-        >>> members = [torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(),
-        ...                                torch.nn.Linear(8, 2)) for _ in range(2)]
-        >>> X = torch.randn(100, 3)
-        >>> sites = repair_sites(members[0], X)
-        >>> moments = member_moments(members[0], [m.state_dict() for m in members],
-        ...                          sites, X)
-        >>> merger = SoftMerge(members)
-        >>> [site.layer for site in merger.set_repair(sites, moments)]
-        ['0']
-        >>> merged = merger.merged_state_dict(statistics_from=X)
-        >>> sorted(merged)
-        ['0.bias', '0.weight', '2.bias', '2.weight']
+        correction : UnitCorrection or None
+            ``None`` removes a correction.
         """
-        kept, kept_moments, units = [], [], []
-        for site, site_moments in zip(sites, moments, strict=True):
-            weight = f"{site.layer}.weight"
-            columns = [
-                u for u, unit in enumerate(self.units) if weight in unit.parameters
-            ]
-            if not columns:
-                continue
-            if len(columns) != site.size:  # one gate for the whole layer
-                columns = columns[:1] * site.size
-            kept.append(site)
-            kept_moments.append(site_moments)
-            units.append(torch.tensor(columns))
-        self._repair = None
-        if kept:
-            self._repair = Repair(
-                kept,
-                kept_moments,
-                units,
-                device=self.theta.device,
-                dtype=self.theta.dtype,
-            )
-        return kept
+        self._repair = correction
 
     def use_batch_statistics(self) -> "SoftMerge":
         """Evaluation mode, except for batch-norm layers, which normalise with

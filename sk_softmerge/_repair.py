@@ -197,6 +197,70 @@ def member_moments(
     )
 
 
+def repair_of(merger, sites, moments) -> tuple["Repair | None", list]:
+    """The correction of ``merger``'s units at ``sites``, for
+    :meth:`SoftMerge.set_repair`, and the sites it corrects.
+
+    Sites whose layer weight the merger does not merge are left out; a layer
+    under one gate (``granularity="layer"``) has every unit in that gate's
+    column.
+
+    Parameters
+    ----------
+    merger : SoftMerge
+    sites : sequence of RepairSite
+        From :func:`repair_sites`.
+    moments : sequence of (array-like, array-like)
+        Per site, the members' unit means and standard deviations, of shape
+        ``(n_members, n_units)``, in the order of the merger's members
+        (:func:`member_moments`).
+
+    Returns
+    -------
+    repair : Repair or None
+        ``None`` when no site is merged.
+    sites : list of RepairSite
+        The sites corrected.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge import SoftMerge
+    >>> from sk_softmerge._repair import member_moments, repair_of, repair_sites
+    >>> members = [torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(),
+    ...                                torch.nn.Linear(8, 2)) for _ in range(2)]
+    >>> X = torch.randn(100, 3)
+    >>> sites = repair_sites(members[0], X)
+    >>> moments = member_moments(members[0], [m.state_dict() for m in members],
+    ...                          sites, X)
+    >>> merger = SoftMerge(members)
+    >>> repair, kept = repair_of(merger, sites, moments)
+    >>> merger.set_repair(repair)
+    >>> [site.layer for site in kept]
+    ['0']
+    >>> sorted(merger.merged_state_dict(statistics_from=X))
+    ['0.bias', '0.weight', '2.bias', '2.weight']
+    """
+    kept, kept_moments, units = [], [], []
+    for site, site_moments in zip(sites, moments, strict=True):
+        weight = f"{site.layer}.weight"
+        columns = [
+            u for u, unit in enumerate(merger.units) if weight in unit.parameters
+        ]
+        if not columns:
+            continue
+        if len(columns) != site.size:  # one gate for the whole layer
+            columns = columns[:1] * site.size
+        kept.append(site)
+        kept_moments.append(site_moments)
+        units.append(torch.tensor(columns))
+    if not kept:
+        return None, []
+    theta = merger.theta
+    repair = Repair(kept, kept_moments, units, device=theta.device, dtype=theta.dtype)
+    return repair, kept
+
+
 class Repair:
     """The targets of the corrected units, and how to bring a merge to them.
 

@@ -9,7 +9,7 @@ import torch
 import sk_softmerge._estimator
 from sk_softmerge import SoftMerge, SoftMergeClassifier, align_modules
 from sk_softmerge._activations import unit_moments
-from sk_softmerge._repair import member_moments, repair_sites
+from sk_softmerge._repair import member_moments, repair_of, repair_sites
 from sk_softmerge._training import learn_gates
 
 from conftest import independent_members as train_independent
@@ -57,7 +57,10 @@ def repaired_merger(modules, X, granularity="neuron"):
     merger = SoftMerge(modules, granularity=granularity)
     sites = repair_sites(modules[0], X)
     states = [m.state_dict() for m in modules]
-    kept = merger.set_repair(sites, member_moments(modules[0], states, sites, X))
+    repair, kept = repair_of(
+        merger, sites, member_moments(modules[0], states, sites, X)
+    )
+    merger.set_repair(repair)
     return merger.use_batch_statistics(), kept
 
 
