@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 from skorch import NeuralNetClassifier
 
 from sk_softmerge import SoftMerge, SoftMergeClassifier, align_modules
-from sk_softmerge._repair import member_moments, repair_sites
+from sk_softmerge._align._repair import member_moments, repair_sites
 from sk_softmerge.baselines import BestMemberClassifier
 
 SEEDS = (0, 1, 2)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import speed
 
 from sk_softmerge import SoftMerge, SoftMergeClassifier
-from sk_softmerge._gates import logistic_noise
+from sk_softmerge._core._gates import logistic_noise
 
 
 def synchronized(fn):

@@ -585,7 +585,7 @@ def report(epochs, predicts, memories, settings, command):
         "convex weights, a blocked reduction over the flat stack), then runs "
         "the template with the merged tensors in its parameters' places; the L0 "
         "penalty's gradient is added in closed form, and Adam on the log-alphas "
-        "is six tensor operations. `sk_softmerge/_fastmerge.py` states the "
+        "is six tensor operations. `sk_softmerge/_core/_fastmerge.py` states the "
         "computation and lists each of these pieces with its measured gain. "
         "Per step (MLP, K=5, batch 64, 1 thread, best of 25 interleaved runs of "
         "3 epochs of `learn_gates`, measured when the fast path was fenced): "

@@ -1,10 +1,10 @@
 """Merge trained neural networks into one by learning L0 gates over their weights."""
 
-from ._batchnorm import recompute_batchnorm_statistics
+from ._align._matching import align_modules
 from ._classifier import SoftMergeClassifier
+from ._core._batchnorm import recompute_batchnorm_statistics
+from ._core._merging import SoftMerge
 from ._export import load_merged
-from ._matching import align_modules
-from ._merging import SoftMerge
 from ._plotting import plot_gates
 from ._regressor import SoftMergeRegressor
 

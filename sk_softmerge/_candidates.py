@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._evaluation import choose_lowest_loss
+from ._core._evaluation import choose_lowest_loss
 
 GREEDY_SOUP = "greedy soup"
 
@@ -215,7 +215,7 @@ def choose_start(
 
     The greedy soup's score is the best of many tries on the same samples, and
     a member's lead over the average is often noise: the one-sided paired test
-    of :func:`~sk_softmerge._evaluation.choose_lowest_loss` keeps the average
+    of :func:`~sk_softmerge._core._evaluation.choose_lowest_loss` keeps the average
     unless a rule beats it by more than that noise.
 
     Parameters

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ._candidates import GREEDY_SOUP, Candidate, RuleBook
-from ._evaluation import choose_lowest_loss
-from ._gates import deterministic_z
+from ._core._evaluation import choose_lowest_loss
+from ._core._gates import deterministic_z
 
 
 @dataclass
@@ -71,7 +71,7 @@ class CrossFit:
     folds : list of Fold
     n_skipped_steps : int
         Steps of learning skipped, over every fold (see
-        :func:`~sk_softmerge._training.learn_gates`).
+        :func:`~sk_softmerge._core._training.learn_gates`).
     """
 
     best_epoch: int
@@ -111,7 +111,7 @@ def cross_fit(
     learn : callable
         ``learn(index, max_epochs, after_epoch)``: learn the gates on the
         samples ``index``; returns a
-        :class:`~sk_softmerge._training.GateTraining`.
+        :class:`~sk_softmerge._core._training.GateTraining`.
     held_out_losses : callable
         ``held_out_losses(index)``: per-sample task losses of the merger's
         deterministic gates on the samples ``index``, or ``None``.

@@ -24,19 +24,19 @@ from sklearn.model_selection import check_cv
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from ._align._matching import ALIGNMENTS, align_modules
+from ._align._repair import member_moments, repair_of, repair_sites
 from ._base import weighted_samples
 from ._candidates import GREEDY_SOUP, Candidate, RuleBook, choose_start
+from ._core._evaluation import EVALUATION_BATCHES, choose_lowest_loss, weighted
+from ._core._merging import INIT_LOG_ALPHA, SoftMerge
+from ._core._screening import nonfinite_members, screen
+from ._core._training import GateTraining, learn_gates, per_sample_task_losses
 from ._crossfit import cross_fit, fold_summary, pooled
 from ._devices import resolve_device
-from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss, weighted
 from ._export import save_merged
 from ._inputs import check_forward, to_device
-from ._matching import ALIGNMENTS, align_modules
-from ._merging import INIT_LOG_ALPHA, SoftMerge
-from ._repair import member_moments, repair_of, repair_sites
-from ._screening import nonfinite_members, screen
 from ._tasks import ClassificationTask, Task, prediction_function
-from ._training import GateTraining, learn_gates, per_sample_task_losses
 
 MAX_START_SAMPLES = 1024
 """The fixed rules are compared on at most this many samples that the gates
@@ -186,7 +186,7 @@ class _SoftMergeBase(BaseEstimator):
 
     def _learn(self, fit: "_Fit", X, y, **kwargs):
         """Learn the merger's gates on ``(X, y)`` with the estimator's
-        parameters (:func:`~sk_softmerge._training.learn_gates`)."""
+        parameters (:func:`~sk_softmerge._core._training.learn_gates`)."""
         return learn_gates(
             fit.merger,
             fit.loss,

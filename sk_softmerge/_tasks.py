@@ -21,7 +21,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from skorch import NeuralNet, NeuralNetBinaryClassifier
 
-from ._evaluation import correct_predictions, scaled_squared_errors
+from ._core._evaluation import correct_predictions, scaled_squared_errors
 from ._nets import build_merged_net
 
 Forward = Callable[[torch.Tensor], torch.Tensor]

@@ -4,7 +4,7 @@ nothing."""
 import pytest
 import torch
 
-from sk_softmerge._adam import Adam
+from sk_softmerge._core._adam import Adam
 
 
 @pytest.mark.parametrize("masked", [False, True])

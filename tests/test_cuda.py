@@ -6,9 +6,10 @@ import pytest
 import torch
 from skorch import NeuralNetClassifier
 
-from sk_softmerge import SoftMerge, SoftMergeClassifier, _fastmerge
-from sk_softmerge._adam import Adam
-from sk_softmerge._gates import logistic_noise
+from sk_softmerge import SoftMerge, SoftMergeClassifier
+from sk_softmerge._core import _fastmerge
+from sk_softmerge._core._adam import Adam
+from sk_softmerge._core._gates import logistic_noise
 
 from conftest import predict_without_cuda
 

@@ -6,15 +6,16 @@ import weakref
 import pytest
 import torch
 
-from sk_softmerge import SoftMerge, _fastmerge
-from sk_softmerge._fastmerge import (
+from sk_softmerge import SoftMerge
+from sk_softmerge._core import _fastmerge
+from sk_softmerge._core._fastmerge import (
     ALIGNMENT,
     FlatLayout,
     TemplateBinding,
     merge,
     plan_blocks,
 )
-from sk_softmerge._gates import BETA, GAMMA, ZETA, deterministic_z, logistic_noise
+from sk_softmerge._core._gates import BETA, GAMMA, ZETA, deterministic_z, logistic_noise
 
 
 def naive_merge(z, log_alpha, theta, unit_index):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sk_softmerge._gates import (
+from sk_softmerge._core._gates import (
     BETA,
     GAMMA,
     ZETA,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sk_softmerge import SoftMerge
-from sk_softmerge._gates import hard_concrete, logistic_noise
-from sk_softmerge._units import find_units, select_parameters
+from sk_softmerge._core._gates import hard_concrete, logistic_noise
+from sk_softmerge._core._units import find_units, select_parameters
 
 
 def mlp(seed, batchnorm=False):

@@ -8,9 +8,9 @@ import torch
 
 import sk_softmerge._estimator
 from sk_softmerge import SoftMerge, SoftMergeClassifier, align_modules
-from sk_softmerge._activations import unit_moments
-from sk_softmerge._repair import member_moments, repair_of, repair_sites
-from sk_softmerge._training import learn_gates
+from sk_softmerge._align._activations import unit_moments
+from sk_softmerge._align._repair import member_moments, repair_of, repair_sites
+from sk_softmerge._core._training import learn_gates
 
 from conftest import independent_members as train_independent
 

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from sk_softmerge import SoftMerge, _training
-from sk_softmerge._gates import logistic_noise
-from sk_softmerge._training import learn_gates, per_sample_task_losses
+from sk_softmerge import SoftMerge
+from sk_softmerge._core import _training
+from sk_softmerge._core._gates import logistic_noise
+from sk_softmerge._core._training import learn_gates, per_sample_task_losses
 
 
 @pytest.mark.parametrize("l0_weight", [0.0, 1e-2])
@@ -294,7 +295,7 @@ def test_fit_evaluates_at_most_evaluation_batches_at_once(digits, members):
     """A large held-out part costs evaluation batches of EVALUATION_BATCHES
     training batches, never one forward pass over all of it."""
     from sk_softmerge import SoftMergeClassifier
-    from sk_softmerge._evaluation import EVALUATION_BATCHES
+    from sk_softmerge._core._evaluation import EVALUATION_BATCHES
 
     X, y = digits
     sizes = []

@@ -10,7 +10,7 @@ clamping::
 :func:`hard_concrete_with_slope` is the one implementation of that sample and
 of its derivative in ``log_alpha``: :func:`hard_concrete` (and so
 :func:`sample_z`) wraps it in an autograd node, and the merge's fused node
-(:mod:`sk_softmerge._fastmerge`) calls it inside its own. The functions are
+(:mod:`sk_softmerge._core._fastmerge`) calls it inside its own. The functions are
 named after the paper's quantities and work element-wise on a tensor of
 log-alphas of any shape.
 
@@ -68,7 +68,7 @@ def logistic_noise(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._gates import logistic_noise
+    >>> from sk_softmerge._core._gates import logistic_noise
     >>> logistic_noise((2, 3), torch.Generator().manual_seed(0)).shape
     torch.Size([2, 3])
     """
@@ -103,7 +103,7 @@ def hard_concrete_with_slope(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._gates import hard_concrete_with_slope
+    >>> from sk_softmerge._core._gates import hard_concrete_with_slope
     >>> z, slope = hard_concrete_with_slope(torch.tensor([0.0, 10.0]), torch.zeros(2))
     >>> z, slope
     (tensor([0.5000, 1.0000]), tensor([0.4500, 0.0000]))
@@ -152,7 +152,7 @@ def hard_concrete(log_alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._gates import hard_concrete
+    >>> from sk_softmerge._core._gates import hard_concrete
     >>> hard_concrete(torch.tensor([0.0, 10.0]), torch.zeros(2))
     tensor([0.5000, 1.0000])
     """
@@ -179,7 +179,7 @@ def sample_z(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._gates import sample_z
+    >>> from sk_softmerge._core._gates import sample_z
     >>> z = sample_z(torch.zeros(3), torch.Generator().manual_seed(0))
     >>> bool(((z >= 0) & (z <= 1)).all())
     True
@@ -206,7 +206,7 @@ def deterministic_z(log_alpha: torch.Tensor) -> torch.Tensor:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._gates import deterministic_z
+    >>> from sk_softmerge._core._gates import deterministic_z
     >>> deterministic_z(torch.tensor([-10.0, 0.0, 10.0]))
     tensor([0.0000, 0.5000, 1.0000])
     """
@@ -230,7 +230,7 @@ def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._gates import expected_l0
+    >>> from sk_softmerge._core._gates import expected_l0
     >>> expected_l0(torch.tensor([20.0, -20.0]))
     tensor([1.0000e+00, 1.0195e-08])
     """
@@ -260,7 +260,7 @@ def expected_l0_with_slope(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._gates import expected_l0, expected_l0_with_slope
+    >>> from sk_softmerge._core._gates import expected_l0, expected_l0_with_slope
     >>> log_alpha = torch.tensor([-2.0, 0.0, 2.0])
     >>> l0, slope = expected_l0_with_slope(log_alpha)
     >>> autograd = torch.func.grad(lambda a: expected_l0(a).sum())(log_alpha)

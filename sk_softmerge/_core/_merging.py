@@ -5,9 +5,9 @@ learnable gates.
 stack of shape ``(n_members, n_weights)``. Every weight belongs to one merge
 unit (:func:`find_units`): a layer, a tensor or a neuron, whose merged value is
 the convex combination of the members' values with weights ``z_ku / sum_k
-z_ku``, where ``z`` are the hard-concrete gates of :mod:`sk_softmerge._gates`.
+z_ku``, where ``z`` are the hard-concrete gates of :mod:`sk_softmerge._core._gates`.
 The reduction, and running the template with its results, is the fast path of
-:mod:`sk_softmerge._fastmerge`, whose docstring states what it computes.
+:mod:`sk_softmerge._core._fastmerge`, whose docstring states what it computes.
 """
 
 import copy
@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from .._inputs import to_device
 from ._batchnorm import (
     has_batchnorm,
     recompute_batchnorm_statistics,
@@ -31,7 +32,6 @@ from ._fastmerge import (
     plan_blocks,
 )
 from ._gates import deterministic_z, expected_l0, hard_concrete, sample_z
-from ._inputs import to_device
 from ._units import find_units, select_parameters
 
 INIT_LOG_ALPHA = 3.0
@@ -90,7 +90,7 @@ class SoftMerge(torch.nn.Module):
         The copy of the first member that merged forward passes run through.
     theta : torch.Tensor of shape (n_members, n_weights)
         The flat stack of the members' merged parameters (see
-        :class:`~sk_softmerge._fastmerge.FlatLayout`).
+        :class:`~sk_softmerge._core._fastmerge.FlatLayout`).
     unit_index : torch.Tensor of shape (n_weights,)
         The unit of every weight of ``theta`` (int32, computed on access).
 
@@ -106,7 +106,7 @@ class SoftMerge(torch.nn.Module):
     (``n_members`` members' worth); nothing else of that size is kept. A
     training step adds the merged weights and then their gradient, and the
     reduction's temporaries, which ``CHUNK_ELEMENTS`` of
-    :mod:`sk_softmerge._fastmerge` bounds by half a member's worth. The merged
+    :mod:`sk_softmerge._core._fastmerge` bounds by half a member's worth. The merged
     weights live until the last layer that needs them has formed its input's
     gradient; a large ``nn.Linear`` lets go of its merged weight at that point,
     before it forms the weight's gradient (``LET_GO_ELEMENTS``), so that for an
@@ -323,7 +323,7 @@ class SoftMerge(torch.nn.Module):
             Gate values in ``[0, 1]``; ``None`` uses the deterministic gates,
             unless ``noise`` is given.
         noise : torch.Tensor of shape (n_members, n_units), default=None
-            Logistic noise (:func:`~sk_softmerge._gates.logistic_noise`): the
+            Logistic noise (:func:`~sk_softmerge._core._gates.logistic_noise`): the
             gates are then the hard-concrete sample it gives, computed in the
             same autograd node as the merge. Not with ``gates``.
 
@@ -460,7 +460,7 @@ def check_same_parameters(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._merging import check_same_parameters
+    >>> from sk_softmerge._core._merging import check_same_parameters
     >>> check_same_parameters([torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)])
     Traceback (most recent call last):
         ...
@@ -522,7 +522,7 @@ def _tied_aliases(
 def _release(template: torch.nn.Module, names) -> None:
     """Put storage-free (meta) placeholders of the same shapes in the template's
     place for its merged parameters, tied ones included: every call puts the
-    merged tensors there (:class:`~sk_softmerge._fastmerge.TemplateBinding`),
+    merged tensors there (:class:`~sk_softmerge._core._fastmerge.TemplateBinding`),
     and the template's own values would hold a member's worth of memory."""
     placeholders = {
         id(parameter): torch.nn.Parameter(

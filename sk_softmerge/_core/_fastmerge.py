@@ -10,7 +10,7 @@ Specification
 (``n_members x n_weights``, see :class:`FlatLayout`); weight ``i`` belongs to
 merge unit ``unit[i]``. ``z[k, u]`` is member ``k``'s gate on unit ``u``: given,
 or the hard-concrete sample ``hard_concrete(log_alpha, noise)`` of
-:mod:`sk_softmerge._gates`, or the deterministic gate. For every unit ``u`` and
+:mod:`sk_softmerge._core._gates`, or the deterministic gate. For every unit ``u`` and
 member ``k``::
 
     if sum_k z[k, u] > 0:  c[k, u] = z[k, u]
@@ -31,7 +31,7 @@ What makes it fast, and what each piece gains
 On a small net a training step costs well under a millisecond, most of it
 per-operation overhead: every piece below cuts operations or autograd nodes,
 and each is kept because leaving it out, alone, slows a step by more than the
-noise. Measured with :func:`~sk_softmerge._training.learn_gates` on an MLP
+noise. Measured with :func:`~sk_softmerge._core._training.learn_gates` on an MLP
 40-100-100-10, 5 members, 4000 samples, batch 64, 3 epochs, one CPU thread:
 CPU time per step, each variant run 25 times interleaved with the full fast
 path (0.65 ms per step with a gate per layer, 0.83 ms with a gate per
@@ -42,7 +42,7 @@ of the same code differ by up to 2 %.
    flat buffer (:class:`_Merge`), with a hand-written backward that saves only
    the stack and ``(n_members, n_units)`` tensors. The same reduction as
    autograd operations: +6 % / +9 %; with the sample in a node of its own
-   (:func:`~sk_softmerge._gates.hard_concrete`): +5 % / +6 %.
+   (:func:`~sk_softmerge._core._gates.hard_concrete`): +5 % / +6 %.
 2. A blocked reduction (:func:`plan_blocks`): blocks of consecutive weights of
    one unit are weighted as one row, and their gradient is one dot product;
    only weights in blocks that straddle two units are gathered and scattered
@@ -117,7 +117,7 @@ def chunk_blocks(n_members: int, n_blocks: int, size: int) -> int:
 
     Examples
     --------
-    >>> from sk_softmerge._fastmerge import chunk_blocks
+    >>> from sk_softmerge._core._fastmerge import chunk_blocks
     >>> chunk_blocks(5, 200, 64)        # a small stack: one chunk
     200
     >>> chunk_blocks(5, 2**20, 64)      # 64 Mi weights: half a member a chunk
@@ -149,7 +149,7 @@ class FlatLayout:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._fastmerge import FlatLayout
+    >>> from sk_softmerge._core._fastmerge import FlatLayout
     >>> layout = FlatLayout([torch.Size([2, 3]), torch.Size([2])])
     >>> layout.split_sizes
     [6, 58, 2, 62]
@@ -277,7 +277,7 @@ def plan_blocks(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._fastmerge import plan_blocks
+    >>> from sk_softmerge._core._fastmerge import plan_blocks
     >>> plan = plan_blocks(torch.tensor([0] * 64 + [1] * 64), 2)
     >>> plan.size, plan.block_unit.tolist(), plan.has_loose
     (64, [0, 1], False)
@@ -363,7 +363,7 @@ def merge(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._fastmerge import merge, plan_blocks
+    >>> from sk_softmerge._core._fastmerge import merge, plan_blocks
     >>> theta = torch.stack([torch.zeros(64), torch.ones(64)])
     >>> plan = plan_blocks(torch.zeros(64, dtype=torch.long), 1)
     >>> merge(torch.zeros(2, 1), theta, plan, gates=torch.tensor([[1.0], [3.0]]))[:3]
@@ -408,7 +408,7 @@ def mixing_weights(z: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._fastmerge import mixing_weights
+    >>> from sk_softmerge._core._fastmerge import mixing_weights
     >>> mixing_weights(torch.tensor([[1.0, 0.0], [3.0, 0.0]]),
     ...                torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
     tensor([[0.2500, 1.0000],
@@ -505,7 +505,7 @@ class TemplateBinding:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._fastmerge import TemplateBinding
+    >>> from sk_softmerge._core._fastmerge import TemplateBinding
     >>> template = torch.nn.Linear(2, 1)
     >>> call = TemplateBinding(template, ["weight", "bias"], [])
     >>> call((torch.ones(1, 2), torch.zeros(1)), (torch.ones(3, 2),), {}).tolist()

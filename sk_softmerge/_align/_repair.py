@@ -9,7 +9,7 @@ standard deviation back to those of the members it averages.
 
 Here the target of a merged unit is the gate-weighted average of the members'
 statistics on the fit data: with mixing weights ``c_k`` (the gates' convex
-weights of the unit in :mod:`sk_softmerge._fastmerge`), the unit's target mean
+weights of the unit in :mod:`sk_softmerge._core._fastmerge`), the unit's target mean
 is ``sum_k c_k mean_k`` and its target standard deviation ``sum_k c_k std_k``.
 While gates learn, :meth:`Repair.applied` renormalises every corrected layer's
 output with the batch's statistics and rescales it to the targets, as batch
@@ -20,7 +20,7 @@ keeps the members' architecture. The fold is exact whatever the activation
 function that follows, since it acts before it.
 
 Corrected: the outputs of the ``Linear`` and ``Conv`` layers (with a bias) that
-create hidden units, as :func:`~sk_softmerge._alignment.permutation_spec` finds
+create hidden units, as :func:`~sk_softmerge._align._alignment.permutation_spec` finds
 them. Units that pass through a batch-norm layer are left to the recomputation
 of its statistics, which does the same job; units that reach the network's
 output are never changed.
@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._inputs import check_one_input
 from ._activations import Site, unit_moments
 from ._alignment import permutation_spec
-from ._inputs import check_one_input
 
 EPS = 1e-5
 """Added to a batch's variance of a unit before dividing by its square root
@@ -70,7 +70,7 @@ class RepairSite:
 
     @property
     def site(self) -> Site:
-        """Where the units are observed, for :mod:`sk_softmerge._activations`."""
+        """Where the units are observed, for :mod:`sk_softmerge._align._activations`."""
         return Site(self.layer, "output", self.axis)
 
 
@@ -93,12 +93,12 @@ def repair_sites(module: torch.nn.Module, example_input) -> list[RepairSite]:
     ------
     ValueError
         If the module's hidden units cannot be found (see
-        :func:`~sk_softmerge._alignment.permutation_spec`).
+        :func:`~sk_softmerge._align._alignment.permutation_spec`).
 
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._repair import repair_sites
+    >>> from sk_softmerge._align._repair import repair_sites
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
     ...                           torch.nn.Linear(8, 2))
     >>> repair_sites(net, torch.zeros(2, 4))
@@ -173,12 +173,12 @@ def member_moments(
     -------
     moments : list of (ndarray, ndarray)
         Per site, means and standard deviations of shape ``(n_members,
-        n_units)``; see :func:`~sk_softmerge._activations.unit_moments`.
+        n_units)``; see :func:`~sk_softmerge._align._activations.unit_moments`.
 
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._repair import member_moments, repair_sites
+    >>> from sk_softmerge._align._repair import member_moments, repair_sites
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
     ...                           torch.nn.Linear(8, 2))
     >>> X = torch.randn(100, 4)
@@ -226,7 +226,7 @@ def repair_of(merger, sites, moments) -> tuple["Repair | None", list]:
     --------
     >>> import torch
     >>> from sk_softmerge import SoftMerge
-    >>> from sk_softmerge._repair import member_moments, repair_of, repair_sites
+    >>> from sk_softmerge._align._repair import member_moments, repair_of, repair_sites
     >>> members = [torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(),
     ...                                torch.nn.Linear(8, 2)) for _ in range(2)]
     >>> X = torch.randn(100, 3)
@@ -279,7 +279,7 @@ class Repair:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._repair import Repair, RepairSite
+    >>> from sk_softmerge._align._repair import Repair, RepairSite
     >>> repair = Repair([RepairSite("0", 1, 2)],
     ...                 [(torch.tensor([[0.0, 1.0], [2.0, 3.0]]), torch.ones(2, 2))],
     ...                 [torch.tensor([0, 0])])

@@ -47,7 +47,7 @@ class Adam:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._adam import Adam
+    >>> from sk_softmerge._core._adam import Adam
     >>> x = torch.zeros(2)
     >>> optimizer = Adam(x, lr=0.1)
     >>> optimizer.step(torch.tensor([1.0, -2.0]))

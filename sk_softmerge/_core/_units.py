@@ -62,7 +62,7 @@ def select_parameters(module: torch.nn.Module, merge=None) -> list[str]:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._units import select_parameters
+    >>> from sk_softmerge._core._units import select_parameters
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
     >>> select_parameters(net, "1")
     ['1.weight', '1.bias']
@@ -135,7 +135,7 @@ def find_units(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._units import find_units
+    >>> from sk_softmerge._core._units import find_units
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
     >>> [u.name for u in find_units(net, ["0.weight", "0.bias", "1.weight"])]
     ['0', '1']

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._evaluation import state_forward
-from ._inputs import call, to_device
+from .._core._evaluation import state_forward
+from .._inputs import call, to_device
 
 BATCH_SIZE = 512
 """Samples per forward pass when activations are measured."""
@@ -69,7 +69,7 @@ def unit_columns(value: torch.Tensor, site: Site, n_units: int) -> torch.Tensor:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._activations import Site, unit_columns
+    >>> from sk_softmerge._align._activations import Site, unit_columns
     >>> conv_output = torch.arange(12.0).reshape(1, 3, 4)  # 3 channels of 4
     >>> unit_columns(conv_output, Site("conv", "output", axis=1), 3)[:, 0]
     tensor([0., 1., 2., 3.])
@@ -98,7 +98,7 @@ class Recorder:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._activations import Recorder, Site
+    >>> from sk_softmerge._align._activations import Recorder, Site
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
     >>> recorder = Recorder(net, [Site("0", "output", axis=1)])
     >>> (values,) = recorder(net.state_dict(), torch.ones(4, 2))
@@ -206,7 +206,7 @@ def unit_moments(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._activations import Site, unit_moments
+    >>> from sk_softmerge._align._activations import Site, unit_moments
     >>> net = torch.nn.Linear(2, 1)
     >>> state = {"weight": torch.tensor([[1.0, 0.0]]), "bias": torch.tensor([1.0])}
     >>> X = torch.tensor([[0.0, 5.0], [2.0, 5.0]])
@@ -282,7 +282,7 @@ def unit_correlations(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._activations import Site, unit_correlations
+    >>> from sk_softmerge._align._activations import Site, unit_correlations
     >>> net = torch.nn.Linear(1, 2)
     >>> a = {"weight": torch.tensor([[1.0], [-1.0]]), "bias": torch.zeros(2)}
     >>> b = {"weight": torch.tensor([[-2.0], [3.0]]), "bias": torch.ones(2)}

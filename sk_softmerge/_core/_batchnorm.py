@@ -12,7 +12,7 @@ import copy
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._inputs import call
+from .._inputs import call
 
 
 def has_batchnorm(module: torch.nn.Module) -> bool:
@@ -21,7 +21,7 @@ def has_batchnorm(module: torch.nn.Module) -> bool:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._batchnorm import has_batchnorm
+    >>> from sk_softmerge._core._batchnorm import has_batchnorm
     >>> has_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2),
     ...                                   torch.nn.BatchNorm1d(2)))
     True
@@ -39,7 +39,7 @@ def use_batch_statistics(module: torch.nn.Module) -> torch.nn.Module:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._batchnorm import use_batch_statistics
+    >>> from sk_softmerge._core._batchnorm import use_batch_statistics
     >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Dropout()).eval()
     >>> [layer.training for layer in use_batch_statistics(net)]
     [True, False]

@@ -37,7 +37,7 @@ def nonfinite_members(modules: Sequence[torch.nn.Module]) -> list[int]:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._screening import nonfinite_members
+    >>> from sk_softmerge._core._screening import nonfinite_members
     >>> good, bad = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     >>> with torch.no_grad():
     ...     _ = bad.bias.fill_(float("nan"))
@@ -83,7 +83,7 @@ def extreme_units(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._screening import extreme_units
+    >>> from sk_softmerge._core._screening import extreme_units
     >>> theta = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
     >>> theta[2, :3] *= 1000
     >>> extreme_units(theta, torch.tensor([0, 0, 0, 1, 1, 1]), 2)
@@ -132,7 +132,7 @@ def screen(merger) -> torch.Tensor:
     --------
     >>> import torch
     >>> from sk_softmerge import SoftMerge
-    >>> from sk_softmerge._screening import screen
+    >>> from sk_softmerge._core._screening import screen
     >>> members = [torch.nn.Linear(2, 2) for _ in range(3)]
     >>> with torch.no_grad():
     ...     _ = members[1].weight.mul_(1e3)

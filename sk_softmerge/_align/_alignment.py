@@ -6,7 +6,7 @@ weight by weight then mixes unrelated units. Permuting each member's hidden
 units to match the others first puts the members in one basin, where
 averaging works. This module finds which permutations leave a network's
 function unchanged and applies them to state dicts;
-:mod:`sk_softmerge._matching` chooses them.
+:mod:`sk_softmerge._align._matching` chooses them.
 
 Which tensors a permutation acts on, and along which axis, is read from the
 network itself: :func:`permutation_spec` traces it with :mod:`torch.fx`,
@@ -346,7 +346,7 @@ def permutation_spec(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._alignment import permutation_spec
+    >>> from sk_softmerge._align._alignment import permutation_spec
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
     ...                           torch.nn.Linear(8, 2))
     >>> (group,) = permutation_spec(net, torch.zeros(2, 4))
@@ -637,7 +637,7 @@ def permute_state(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._alignment import permutation_spec, permute_state
+    >>> from sk_softmerge._align._alignment import permutation_spec, permute_state
     >>> net = torch.nn.Sequential(torch.nn.Linear(1, 3), torch.nn.Linear(3, 1))
     >>> groups = permutation_spec(net, torch.zeros(2, 1))
     >>> state = {k: torch.arange(3.0).reshape(v.shape) if v.numel() == 3 else v

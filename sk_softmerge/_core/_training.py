@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from .._inputs import call, is_dict
 from ._adam import Adam
 from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss
 from ._gates import deterministic_z, expected_l0_with_slope, logistic_noise
-from ._inputs import call, is_dict
 from ._merging import SoftMerge
 
 
@@ -140,7 +140,7 @@ def learn_gates(
     --------
     >>> import torch
     >>> from sk_softmerge import SoftMerge
-    >>> from sk_softmerge._training import learn_gates
+    >>> from sk_softmerge._core._training import learn_gates
     >>> merger = SoftMerge([torch.nn.Linear(3, 2) for _ in range(3)])
     >>> X, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
     >>> result = learn_gates(merger, torch.nn.functional.cross_entropy, X, y,
@@ -392,8 +392,9 @@ def _significantly_better(
     """Whether gates ``log_alpha`` beat the start significantly on ``(X, y)``
     (samples weighted by ``w``, when not ``None``).
 
-    The one-sided paired test of :func:`~sk_softmerge._evaluation.choose_lowest_loss`
-    on per-sample task losses: a validation loss lower by less than the noise
+    The one-sided paired test of
+    :func:`~sk_softmerge._core._evaluation.choose_lowest_loss` on per-sample
+    task losses: a validation loss lower by less than the noise
     of the validation sample is no reason to leave the start.
     """
     losses = {}

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from ._inputs import call
+from .._inputs import call
 
 SIGNIFICANCE = 2.0
 """Standard deviations by which a candidate must beat the merge to replace it."""
@@ -28,7 +28,7 @@ def weighted(
     Examples
     --------
     >>> import numpy as np
-    >>> from sk_softmerge._evaluation import weighted
+    >>> from sk_softmerge._core._evaluation import weighted
     >>> errors = weighted(lambda forward: np.array([1.0, 0.0, 1.0]),
     ...                   np.array([0.5, 1.0, 1.5]))
     >>> errors(None)
@@ -84,7 +84,7 @@ def correct_predictions(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._evaluation import correct_predictions
+    >>> from sk_softmerge._core._evaluation import correct_predictions
     >>> X, y = torch.eye(3), torch.tensor([0, 1, 1])
     >>> correct_predictions(lambda x: x, X, y, lambda out: out.softmax(-1))
     array([ True,  True, False])
@@ -132,7 +132,7 @@ def member_forward(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._evaluation import member_forward
+    >>> from sk_softmerge._core._evaluation import member_forward
     >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     >>> x = torch.ones(1, 2)
     >>> torch.equal(member_forward(a, b)(x), b(x))
@@ -169,7 +169,7 @@ def state_forward(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._evaluation import state_forward
+    >>> from sk_softmerge._core._evaluation import state_forward
     >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     >>> x = torch.ones(1, 2)
     >>> torch.equal(state_forward(a, b.state_dict())(x), b(x))
@@ -223,7 +223,7 @@ def scaled_squared_errors(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._evaluation import scaled_squared_errors
+    >>> from sk_softmerge._core._evaluation import scaled_squared_errors
     >>> X = torch.tensor([[1.0], [2.0], [3.0]])
     >>> y = torch.tensor([[1.0], [2.0], [4.0]])
     >>> errors = scaled_squared_errors(lambda x: x, X, y, lambda out: out)
@@ -274,7 +274,7 @@ def choose_lowest_loss(losses: dict[str, np.ndarray | None], default: str) -> st
     Examples
     --------
     >>> import numpy as np
-    >>> from sk_softmerge._evaluation import choose_lowest_loss
+    >>> from sk_softmerge._core._evaluation import choose_lowest_loss
     >>> rng = np.random.default_rng(0)
     >>> merge = rng.exponential(1.0, 200)
     >>> noisy = merge + rng.normal(0, 1, 200)           # no better on average
