@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._candidates import GREEDY_SOUP, Candidate, RuleBook
 from ._core._evaluation import choose_lowest_loss
 from ._core._gates import deterministic_z
+from ._rules import GREEDY_SOUP, Candidate, RuleBook
 
 
 @dataclass
@@ -107,7 +107,7 @@ def cross_fit(
         Training and left-out positions of every fold.
     choose_start : callable
         ``choose_start(candidates, errors)``: the rule to start from
-        (:func:`~sk_softmerge._candidates.choose_start`).
+        (:func:`~sk_softmerge._rules.choose_start`).
     learn : callable
         ``learn(index, max_epochs, after_epoch)``: learn the gates on the
         samples ``index``; returns a

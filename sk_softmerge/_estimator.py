@@ -27,15 +27,15 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ._align._matching import ALIGNMENTS, align_modules
 from ._align._repair import member_moments, repair_of, repair_sites
 from ._base import weighted_samples
-from ._candidates import GREEDY_SOUP, Candidate, RuleBook, choose_start
 from ._core._evaluation import EVALUATION_BATCHES, choose_lowest_loss, weighted
-from ._core._merging import INIT_LOG_ALPHA, SoftMerge
+from ._core._merger import INIT_LOG_ALPHA, SoftMerge
 from ._core._screening import nonfinite_members, screen
 from ._core._training import GateTraining, learn_gates, per_sample_task_losses
 from ._crossfit import cross_fit, fold_summary, pooled
 from ._devices import resolve_device
 from ._export import save_merged
 from ._inputs import check_forward, to_device
+from ._rules import GREEDY_SOUP, Candidate, RuleBook, choose_start
 from ._tasks import ClassificationTask, Task, prediction_function
 
 MAX_START_SAMPLES = 1024

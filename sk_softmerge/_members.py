@@ -15,7 +15,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.utils.validation import check_is_fitted
 from skorch import NeuralNet
 
-from ._core._merging import check_same_parameters
+from ._core._merger import check_same_parameters
 
 TASKS = {
     "classification": (

@@ -17,10 +17,10 @@ import torch
 from sklearn.base import BaseEstimator, _fit_context
 
 from ._base import weighted_samples
-from ._candidates import greedy_soup
 from ._core._evaluation import member_forward, state_forward, weighted
-from ._core._merging import SoftMerge
+from ._core._merger import SoftMerge
 from ._inputs import check_forward, to_device
+from ._rules import greedy_soup
 from ._tasks import prediction_function
 
 

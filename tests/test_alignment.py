@@ -14,7 +14,7 @@ from sk_softmerge import (
     align_modules,
     recompute_batchnorm_statistics,
 )
-from sk_softmerge._align._alignment import permutation_spec, permute_state
+from sk_softmerge._align._spec import permutation_spec, permute_state
 
 from conftest import batchnorm_module
 from conftest import independent_members as train_independent

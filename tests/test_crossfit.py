@@ -8,9 +8,9 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 import sk_softmerge._estimator
 from sk_softmerge import SoftMerge, SoftMergeClassifier, SoftMergeRegressor
-from sk_softmerge._candidates import Candidate, RuleBook
 from sk_softmerge._core._training import GateTraining
 from sk_softmerge._crossfit import cross_fit, fold_summary
+from sk_softmerge._rules import Candidate, RuleBook
 
 from conftest import forked_members
 

@@ -7,7 +7,7 @@ import torch
 from skorch import NeuralNetClassifier
 
 from sk_softmerge import SoftMerge, SoftMergeClassifier
-from sk_softmerge._core import _fastmerge
+from sk_softmerge._core import _fastpath
 from sk_softmerge._core._adam import Adam
 from sk_softmerge._core._gates import logistic_noise
 
@@ -32,8 +32,8 @@ def test_same_gates_on_cpu_and_gpu(digits, path, monkeypatch):
     """Also along a large stack's path: the reduction in chunks with compact
     indices, and the linear layers letting go of their merged weights."""
     if path == "large":
-        monkeypatch.setattr(_fastmerge, "CHUNK_ELEMENTS", 1)
-        monkeypatch.setattr(_fastmerge, "LET_GO_ELEMENTS", 1)
+        monkeypatch.setattr(_fastpath, "CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(_fastpath, "LET_GO_ELEMENTS", 1)
     X, y = (torch.as_tensor(a) for a in digits)
     members = [mlp(seed) for seed in range(3)]
     generator = torch.Generator().manual_seed(0)

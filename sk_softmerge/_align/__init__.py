@@ -1,7 +1,7 @@
 """Alignment of independently trained members, and REPAIR.
 
 - ``_activations``: hidden units' activations and their statistics.
-- ``_alignment``: the permutation spec of an architecture.
+- ``_spec``: the permutation spec of an architecture.
 - ``_matching``: weight and activation matching (Git Re-Basin),
   :func:`~sk_softmerge.align_modules`.
 - ``_repair``: the correction of merged units' statistics (REPAIR) that

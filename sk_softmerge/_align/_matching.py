@@ -1,7 +1,7 @@
 """Choosing the permutations that align members' hidden units.
 
 Given the permutation groups of an architecture
-(:func:`~sk_softmerge._align._alignment.permutation_spec`), each member other than a
+(:func:`~sk_softmerge._align._spec.permutation_spec`), each member other than a
 reference gets one permutation per group, so that its units line up with the
 others'. Two measures of a match are offered: the members' weights (weight
 matching, Ainsworth, Hayase and Srinivasa, "Git Re-Basin", ICLR 2023) and the
@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .._inputs import check_one_input
 from ._activations import unit_correlations
-from ._alignment import (
+from ._spec import (
     PermutationGroup,
     PermutedAxis,
     _permute_axis,
@@ -79,7 +79,7 @@ def weight_matching(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._align._alignment import permutation_spec, permute_state
+    >>> from sk_softmerge._align._spec import permutation_spec, permute_state
     >>> from sk_softmerge._align._matching import weight_matching
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(),
     ...                           torch.nn.Linear(5, 2))
@@ -142,7 +142,7 @@ def activation_matching(
 
     Every unit of every member is correlated with every unit of every other
     member where its group's units can be observed
-    (:attr:`~sk_softmerge._align._alignment.PermutationGroup.sites`): at the outputs
+    (:attr:`~sk_softmerge._align._spec.PermutationGroup.sites`): at the outputs
     of the layers that create them, before the activation function, and at the
     inputs of the layers that consume them, after it. The permutations
     maximise the sum, over pairs of members and sites, of the matched units'
@@ -158,7 +158,7 @@ def activation_matching(
     states : sequence of dict of str to torch.Tensor
         The members' state dicts.
     groups : sequence of PermutationGroup
-        From :func:`~sk_softmerge._align._alignment.permutation_spec`.
+        From :func:`~sk_softmerge._align._spec.permutation_spec`.
     X : array-like or torch.Tensor
         Inputs to measure the activations on, passed in batches.
     reference : int, default=0
@@ -172,7 +172,7 @@ def activation_matching(
     -------
     permutations : list of list of torch.Tensor
         Per member, one long tensor per group, to pass to
-        :func:`~sk_softmerge._align._alignment.permute_state` with its state dict.
+        :func:`~sk_softmerge._align._spec.permute_state` with its state dict.
 
     Notes
     -----
@@ -182,7 +182,7 @@ def activation_matching(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._align._alignment import permutation_spec, permute_state
+    >>> from sk_softmerge._align._spec import permutation_spec, permute_state
     >>> from sk_softmerge._align._matching import activation_matching
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(),
     ...                           torch.nn.Linear(5, 2))

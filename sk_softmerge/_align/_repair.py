@@ -9,7 +9,7 @@ standard deviation back to those of the members it averages.
 
 Here the target of a merged unit is the gate-weighted average of the members'
 statistics on the fit data: with mixing weights ``c_k`` (the gates' convex
-weights of the unit in :mod:`sk_softmerge._core._fastmerge`), the unit's target mean
+weights of the unit in :mod:`sk_softmerge._core._fastpath`), the unit's target mean
 is ``sum_k c_k mean_k`` and its target standard deviation ``sum_k c_k std_k``.
 While gates learn, :meth:`Repair.applied` renormalises every corrected layer's
 output with the batch's statistics and rescales it to the targets, as batch
@@ -20,7 +20,7 @@ keeps the members' architecture. The fold is exact whatever the activation
 function that follows, since it acts before it.
 
 Corrected: the outputs of the ``Linear`` and ``Conv`` layers (with a bias) that
-create hidden units, as :func:`~sk_softmerge._align._alignment.permutation_spec` finds
+create hidden units, as :func:`~sk_softmerge._align._spec.permutation_spec` finds
 them. Units that pass through a batch-norm layer are left to the recomputation
 of its statistics, which does the same job; units that reach the network's
 output are never changed.
@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._inputs import check_one_input
 from ._activations import Site, unit_moments
-from ._alignment import permutation_spec
+from ._spec import permutation_spec
 
 EPS = 1e-5
 """Added to a batch's variance of a unit before dividing by its square root
@@ -93,7 +93,7 @@ def repair_sites(module: torch.nn.Module, example_input) -> list[RepairSite]:
     ------
     ValueError
         If the module's hidden units cannot be found (see
-        :func:`~sk_softmerge._align._alignment.permutation_spec`).
+        :func:`~sk_softmerge._align._spec.permutation_spec`).
 
     Examples
     --------

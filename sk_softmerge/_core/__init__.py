@@ -4,9 +4,9 @@ Works on plain ``torch.nn.Module``s and tensors, without scikit-learn:
 
 - ``_gates``: the hard-concrete mathematics (Louizos et al., 2018).
 - ``_units``: which parameters a gate covers (layer, tensor, neuron).
-- ``_fastmerge``: stacking the members into one flat buffer and the fused,
+- ``_fastpath``: stacking the members into one flat buffer and the fused,
   hand-differentiated merge of a training step (the fenced fast path).
-- ``_merging``: :class:`SoftMerge`, the merger that owns the gates.
+- ``_merger``: :class:`SoftMerge`, the merger that owns the gates.
 - ``_screening``: members' weights far from the others'.
 - ``_batchnorm``: batch-norm statistics of a merged net.
 - ``_evaluation``: forward functions of states, per-sample errors, the paired

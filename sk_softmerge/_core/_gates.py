@@ -10,7 +10,7 @@ clamping::
 :func:`hard_concrete_with_slope` is the one implementation of that sample and
 of its derivative in ``log_alpha``: :func:`hard_concrete` (and so
 :func:`sample_z`) wraps it in an autograd node, and the merge's fused node
-(:mod:`sk_softmerge._core._fastmerge`) calls it inside its own. The functions are
+(:mod:`sk_softmerge._core._fastpath`) calls it inside its own. The functions are
 named after the paper's quantities and work element-wise on a tensor of
 log-alphas of any shape.
 

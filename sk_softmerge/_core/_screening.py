@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._fastmerge import CHUNK_ELEMENTS
+from ._fastpath import CHUNK_ELEMENTS
 
 OUTLIER_FACTOR = 10.0
 """How many typical member-to-median distances make a member suspicious."""

@@ -11,7 +11,7 @@ from .._inputs import call, is_dict
 from ._adam import Adam
 from ._evaluation import EVALUATION_BATCHES, choose_lowest_loss
 from ._gates import deterministic_z, expected_l0_with_slope, logistic_noise
-from ._merging import SoftMerge
+from ._merger import SoftMerge
 
 
 @dataclass

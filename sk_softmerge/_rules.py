@@ -37,7 +37,7 @@ class Candidate:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._candidates import Candidate
+    >>> from sk_softmerge._rules import Candidate
     >>> Candidate("member 1", torch.tensor([[0.0], [1.0]]), member=1).member
     1
     """
@@ -73,7 +73,7 @@ def greedy_soup(
 
     Examples
     --------
-    >>> from sk_softmerge._candidates import greedy_soup
+    >>> from sk_softmerge._rules import greedy_soup
     >>> values = [0.5, 0.9, 0.6]
     >>> def score(ingredients):  # a soup is as good as its best ingredient,
     ...     return max(values[i] for i in ingredients) - 0.1 * (2 in ingredients)
@@ -124,7 +124,7 @@ def fixed_rules(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._candidates import fixed_rules
+    >>> from sk_softmerge._rules import fixed_rules
     >>> values = [0.5, 0.9, 0.8]
     >>> def score(gates):  # a soup without member 0 scores 0.95
     ...     return 0.95 if gates[0].sum() == 0 else 0.7
@@ -185,7 +185,7 @@ def greedy_soup_rule(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._candidates import fixed_rules, greedy_soup_rule
+    >>> from sk_softmerge._rules import fixed_rules, greedy_soup_rule
     >>> rules = fixed_rules(torch.ones(2, 1), [0, 1], [0.5, 0.9], lambda g: 0.1)
     >>> greedy_soup_rule(rules, [0.5, 0.9], lambda g: -g.sum()).name
     'member 1'
@@ -232,7 +232,7 @@ def choose_start(
     Examples
     --------
     >>> import numpy as np, torch
-    >>> from sk_softmerge._candidates import Candidate, choose_start
+    >>> from sk_softmerge._rules import Candidate, choose_start
     >>> rules = [Candidate("uniform average", torch.ones(2, 1)),
     ...          Candidate("member 0", torch.tensor([[1.0], [0.0]]), member=0)]
     >>> errors = np.zeros(100)
@@ -276,7 +276,7 @@ class RuleBook:
     Examples
     --------
     >>> import numpy as np, torch
-    >>> from sk_softmerge._candidates import RuleBook
+    >>> from sk_softmerge._rules import RuleBook
     >>> book = RuleBook(torch.ones(2, 1), [0, 1],
     ...                 [np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 1.0])],
     ...                 lambda gates: np.array([0.0, 0.0, gates.sum() > 1]),

@@ -22,7 +22,7 @@ that is ``sum_k z_ku theta_ku / sum_k z_ku``, and a unit whose gates are all
 closed is carried by the member with the largest log-alpha (shared equally on
 ties), so no unit collapses to zero. Gradients are those of this formula, in
 the gates or, for a sample, in ``log_alpha`` through the sample; a closed unit
-does not depend on either. ``tests/test_fastmerge.py`` checks :func:`merge`
+does not depend on either. ``tests/test_fastpath.py`` checks :func:`merge`
 against this formula written out unit by unit and member by member, and
 :class:`TemplateBinding` against :func:`torch.func.functional_call`.
 
@@ -117,7 +117,7 @@ def chunk_blocks(n_members: int, n_blocks: int, size: int) -> int:
 
     Examples
     --------
-    >>> from sk_softmerge._core._fastmerge import chunk_blocks
+    >>> from sk_softmerge._core._fastpath import chunk_blocks
     >>> chunk_blocks(5, 200, 64)        # a small stack: one chunk
     200
     >>> chunk_blocks(5, 2**20, 64)      # 64 Mi weights: half a member a chunk
@@ -149,7 +149,7 @@ class FlatLayout:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._core._fastmerge import FlatLayout
+    >>> from sk_softmerge._core._fastpath import FlatLayout
     >>> layout = FlatLayout([torch.Size([2, 3]), torch.Size([2])])
     >>> layout.split_sizes
     [6, 58, 2, 62]
@@ -277,7 +277,7 @@ def plan_blocks(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._core._fastmerge import plan_blocks
+    >>> from sk_softmerge._core._fastpath import plan_blocks
     >>> plan = plan_blocks(torch.tensor([0] * 64 + [1] * 64), 2)
     >>> plan.size, plan.block_unit.tolist(), plan.has_loose
     (64, [0, 1], False)
@@ -363,7 +363,7 @@ def merge(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._core._fastmerge import merge, plan_blocks
+    >>> from sk_softmerge._core._fastpath import merge, plan_blocks
     >>> theta = torch.stack([torch.zeros(64), torch.ones(64)])
     >>> plan = plan_blocks(torch.zeros(64, dtype=torch.long), 1)
     >>> merge(torch.zeros(2, 1), theta, plan, gates=torch.tensor([[1.0], [3.0]]))[:3]
@@ -408,7 +408,7 @@ def mixing_weights(z: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._core._fastmerge import mixing_weights
+    >>> from sk_softmerge._core._fastpath import mixing_weights
     >>> mixing_weights(torch.tensor([[1.0, 0.0], [3.0, 0.0]]),
     ...                torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
     tensor([[0.2500, 1.0000],
@@ -505,7 +505,7 @@ class TemplateBinding:
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._core._fastmerge import TemplateBinding
+    >>> from sk_softmerge._core._fastpath import TemplateBinding
     >>> template = torch.nn.Linear(2, 1)
     >>> call = TemplateBinding(template, ["weight", "bias"], [])
     >>> call((torch.ones(1, 2), torch.zeros(1)), (torch.ones(3, 2),), {}).tolist()

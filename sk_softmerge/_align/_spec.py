@@ -346,7 +346,7 @@ def permutation_spec(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._align._alignment import permutation_spec
+    >>> from sk_softmerge._align._spec import permutation_spec
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
     ...                           torch.nn.Linear(8, 2))
     >>> (group,) = permutation_spec(net, torch.zeros(2, 4))
@@ -637,7 +637,7 @@ def permute_state(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._align._alignment import permutation_spec, permute_state
+    >>> from sk_softmerge._align._spec import permutation_spec, permute_state
     >>> net = torch.nn.Sequential(torch.nn.Linear(1, 3), torch.nn.Linear(3, 1))
     >>> groups = permutation_spec(net, torch.zeros(2, 1))
     >>> state = {k: torch.arange(3.0).reshape(v.shape) if v.numel() == 3 else v

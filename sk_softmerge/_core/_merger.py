@@ -7,7 +7,7 @@ unit (:func:`find_units`): a layer, a tensor or a neuron, whose merged value is
 the convex combination of the members' values with weights ``z_ku / sum_k
 z_ku``, where ``z`` are the hard-concrete gates of :mod:`sk_softmerge._core._gates`.
 The reduction, and running the template with its results, is the fast path of
-:mod:`sk_softmerge._core._fastmerge`, whose docstring states what it computes.
+:mod:`sk_softmerge._core._fastpath`, whose docstring states what it computes.
 """
 
 import copy
@@ -23,7 +23,7 @@ from ._batchnorm import (
     use_batch_statistics,
 )
 from ._evaluation import member_forward
-from ._fastmerge import (
+from ._fastpath import (
     BlockPlan,
     FlatLayout,
     TemplateBinding,
@@ -90,7 +90,7 @@ class SoftMerge(torch.nn.Module):
         The copy of the first member that merged forward passes run through.
     theta : torch.Tensor of shape (n_members, n_weights)
         The flat stack of the members' merged parameters (see
-        :class:`~sk_softmerge._core._fastmerge.FlatLayout`).
+        :class:`~sk_softmerge._core._fastpath.FlatLayout`).
     unit_index : torch.Tensor of shape (n_weights,)
         The unit of every weight of ``theta`` (int32, computed on access).
 
@@ -106,7 +106,7 @@ class SoftMerge(torch.nn.Module):
     (``n_members`` members' worth); nothing else of that size is kept. A
     training step adds the merged weights and then their gradient, and the
     reduction's temporaries, which ``CHUNK_ELEMENTS`` of
-    :mod:`sk_softmerge._core._fastmerge` bounds by half a member's worth. The merged
+    :mod:`sk_softmerge._core._fastpath` bounds by half a member's worth. The merged
     weights live until the last layer that needs them has formed its input's
     gradient; a large ``nn.Linear`` lets go of its merged weight at that point,
     before it forms the weight's gradient (``LET_GO_ELEMENTS``), so that for an
@@ -460,7 +460,7 @@ def check_same_parameters(
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._core._merging import check_same_parameters
+    >>> from sk_softmerge._core._merger import check_same_parameters
     >>> check_same_parameters([torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)])
     Traceback (most recent call last):
         ...
@@ -522,7 +522,7 @@ def _tied_aliases(
 def _release(template: torch.nn.Module, names) -> None:
     """Put storage-free (meta) placeholders of the same shapes in the template's
     place for its merged parameters, tied ones included: every call puts the
-    merged tensors there (:class:`~sk_softmerge._core._fastmerge.TemplateBinding`),
+    merged tensors there (:class:`~sk_softmerge._core._fastpath.TemplateBinding`),
     and the template's own values would hold a member's worth of memory."""
     placeholders = {
         id(parameter): torch.nn.Parameter(

@@ -7,7 +7,7 @@ from skorch import NeuralNetRegressor
 
 import sk_softmerge._estimator
 from sk_softmerge import SoftMergeRegressor
-from sk_softmerge._candidates import Candidate, choose_start, fixed_rules, greedy_soup
+from sk_softmerge._rules import Candidate, choose_start, fixed_rules, greedy_soup
 
 
 def linear_member(weight):

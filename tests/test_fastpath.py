@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sk_softmerge import SoftMerge
-from sk_softmerge._core import _fastmerge
-from sk_softmerge._core._fastmerge import (
+from sk_softmerge._core import _fastpath
+from sk_softmerge._core._fastpath import (
     ALIGNMENT,
     FlatLayout,
     TemplateBinding,
@@ -19,7 +19,7 @@ from sk_softmerge._core._gates import BETA, GAMMA, ZETA, deterministic_z, logist
 
 
 def naive_merge(z, log_alpha, theta, unit_index):
-    """The specification of ``_fastmerge``, one unit and one member at a time:
+    """The specification of ``_fastpath``, one unit and one member at a time:
     ``sum_k z_ku theta_ku / sum_k z_ku``, or, when every gate of the unit is
     closed, the member(s) with the largest log-alpha."""
     merged = torch.zeros(theta.shape[1], dtype=theta.dtype)
@@ -60,9 +60,9 @@ class TestSpecification:
         gates themselves when they are given; reduced in one chunk or in
         chunks of one member's worth (as for a large stack)."""
         if block_sizes is not None:
-            monkeypatch.setattr(_fastmerge, "BLOCK_SIZES", block_sizes)
+            monkeypatch.setattr(_fastpath, "BLOCK_SIZES", block_sizes)
         if chunked:
-            monkeypatch.setattr(_fastmerge, "CHUNK_ELEMENTS", 1)
+            monkeypatch.setattr(_fastpath, "CHUNK_ELEMENTS", 1)
         merger = SoftMerge([net(seed) for seed in range(4)], granularity=granularity)
         theta, unit_index = merger.theta, merger.unit_index
         n_units = len(merger.units)
@@ -186,7 +186,7 @@ class TestPlanBlocks:
         merger = SoftMerge([net(seed) for seed in range(2)], granularity="neuron")
         n_units = len(merger.units)
         plan = plan_blocks(merger.unit_index, n_units, n_members=2)
-        monkeypatch.setattr(_fastmerge, "CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(_fastpath, "CHUNK_ELEMENTS", 1)
         compact = plan_blocks(merger.unit_index, n_units, n_members=2)
         assert plan.block_unit.dtype == plan.loose_index.dtype == torch.int64
         for field in ("block_unit", "loose_index", "loose_unit"):
@@ -242,7 +242,7 @@ class TestLetGoLinear:
         b = torch.randn(3, generator=generator, requires_grad=True) if bias else None
         inputs = [t for t in (x, weight, b) if t is not None and t.requires_grad]
         results = []
-        for linear in (torch.nn.functional.linear, _fastmerge._LetGoLinear.apply):
+        for linear in (torch.nn.functional.linear, _fastpath._LetGoLinear.apply):
             out = linear(x, weight, b)
             grads = torch.autograd.grad(out, inputs, torch.ones_like(out) + out)
             results.append((out, *grads))
@@ -255,7 +255,7 @@ class TestLetGoLinear:
         weight = leaf * 1.0  # held by the node alone, as a merged weight is
         alive = weakref.ref(weight)
         x = torch.randn(4, 5, requires_grad=True)
-        out = _fastmerge._LetGoLinear.apply(x, weight, None)
+        out = _fastpath._LetGoLinear.apply(x, weight, None)
         del weight
         seen = []  # at each product in the backward pass: weight alive?
         matmul = torch.Tensor.__matmul__
@@ -273,7 +273,7 @@ class TestLetGoLinear:
         """Never a silently missing gradient: the weight is gone."""
         weight = torch.randn(3, 5, requires_grad=True) * 1.0
         x = torch.randn(4, 5, requires_grad=True)
-        out = _fastmerge._LetGoLinear.apply(x, weight, None).sum()
+        out = _fastpath._LetGoLinear.apply(x, weight, None).sum()
         out.backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="let go of its weight"):
             out.backward()
@@ -285,7 +285,7 @@ class TestLetGoLinear:
         x = torch.randn(4, 2, 6, generator=torch.Generator().manual_seed(0))
         results = []
         for elements in (1, 2**40):
-            monkeypatch.setattr(_fastmerge, "LET_GO_ELEMENTS", elements)
+            monkeypatch.setattr(_fastpath, "LET_GO_ELEMENTS", elements)
             merger = SoftMerge(
                 [net(seed) for seed in range(3)], granularity=granularity
             )
@@ -299,7 +299,7 @@ class TestLetGoLinear:
         torch.testing.assert_close(*[r[1] for r in results])
 
     def test_template_forward_restored_when_the_call_raises(self, monkeypatch):
-        monkeypatch.setattr(_fastmerge, "LET_GO_ELEMENTS", 1)
+        monkeypatch.setattr(_fastpath, "LET_GO_ELEMENTS", 1)
         template = Tied()
         bind = TemplateBinding(template, ["encoder.weight"], [])
         assert bind.linears == [template.encoder]
@@ -309,7 +309,7 @@ class TestLetGoLinear:
         copy.deepcopy(template)  # nothing of the call is left to copy
 
     def test_a_linear_with_a_forward_of_its_own_keeps_it(self, monkeypatch):
-        monkeypatch.setattr(_fastmerge, "LET_GO_ELEMENTS", 1)
+        monkeypatch.setattr(_fastpath, "LET_GO_ELEMENTS", 1)
         template = torch.nn.Linear(3, 2)
         template.forward = lambda x: torch.zeros(len(x), 2)
         bind = TemplateBinding(template, ["weight"], [])
