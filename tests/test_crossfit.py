@@ -107,17 +107,18 @@ def _opening_every_gate(merger, loss_fn, X, y, *, max_epochs, after_epoch=None, 
     return GateTraining(loss_curve=[0.0] * max_epochs, best_epoch=max_epochs)
 
 
-class TestNeverWorse:
-    @pytest.fixture(scope="class")
-    def one_good_member(self, digits):
-        """Member 0 trained on the labels, members 1 and 2 on shuffled ones:
-        member 0 is the best fixed rule on every fold."""
-        X, y = digits
-        good = forked_members(X, y, n_members=1, seed=0)
-        shuffled = np.random.default_rng(0).permutation(y)
-        bad = forked_members(X, shuffled, n_members=2, seed=1)
-        return [*good, *bad]
+@pytest.fixture(scope="module")
+def one_good_member(digits):
+    """Member 0 trained on the labels, members 1 and 2 on shuffled ones:
+    member 0 is the best fixed rule on every fold."""
+    X, y = digits
+    good = forked_members(X, y, n_members=1, seed=0)
+    shuffled = np.random.default_rng(0).permutation(y)
+    bad = forked_members(X, shuffled, n_members=2, seed=1)
+    return [*good, *bad]
 
+
+class TestNeverWorse:
     def test_best_member_on_every_fold_is_not_left_for_a_worse_merge(
         self, one_good_member, digits, monkeypatch
     ):
