@@ -412,23 +412,23 @@ class _SoftMergeBase(BaseEstimator):
     def save_merged(self, path):
         """Write the merged net to ``path`` with safetensors, without pickle.
 
-        Writes the merged weights to ``path`` (ending in ``.safetensors``) and a
-        JSON sidecar of the same stem (``.json``) with the classes (for a
-        classifier), number of features, unit names, gates, tensor shapes and
-        dtypes, the weights file's SHA-256 and the package version. Nothing in
-        either file is executable; :func:`sk_softmerge.load_merged` checks both
-        files and rebuilds the net.
+        Writes one file, ending in ``.safetensors``: the merged weights (and the
+        criterion's tensor arguments) as tensors, and in its header metadata a
+        JSON document with the classes (for a classifier), number of features,
+        unit names, gates, tensor shapes and dtypes, the SHA-256 of the tensor
+        data and the package version. Nothing in the file is executable;
+        :func:`sk_softmerge.load_merged` checks it and rebuilds the net.
 
         Parameters
         ----------
         path : str or path-like
-            Where to write the weights; must end in ``.safetensors``. Existing
-            files are replaced only once both new files are written.
+            Where to write; must end in ``.safetensors``. An existing file is
+            replaced only once the new file is written.
 
         Returns
         -------
-        weights_path, sidecar_path : pathlib.Path
-            The two files written.
+        path : pathlib.Path
+            The one file written.
 
         Examples
         --------
@@ -446,11 +446,11 @@ class _SoftMergeBase(BaseEstimator):
         ...     verbose=0).fit(X, y) for _ in range(2)]
         >>> merge = SoftMergeClassifier(members, max_epochs=2).fit(X, y)
         >>> with tempfile.TemporaryDirectory() as folder:
-        ...     weights, sidecar = merge.save_merged(Path(folder) / "m.safetensors")
-        ...     net = load_merged(weights, torch.nn.Linear, in_features=4,
+        ...     path = merge.save_merged(Path(folder) / "m.safetensors")
+        ...     net = load_merged(path, torch.nn.Linear, in_features=4,
         ...                       out_features=3)
-        >>> sidecar.name
-        'm.json'
+        >>> path.name
+        'm.safetensors'
         >>> np.array_equal(net.predict_proba(X), merge.predict_proba(X))
         True
         """

@@ -1,27 +1,23 @@
-"""Exporting a merged net without pickle: safetensors weights and a JSON sidecar.
+"""Exporting a merged net without pickle: one safetensors file.
 
-A merge is written as two files side by side: ``name.safetensors`` holds the
-merged net's ``state_dict`` (tensors only, in the safetensors format, which
-cannot hold code), and ``name.json`` holds everything else that is needed to
-rebuild and check it. The sidecar is a separate file, not the safetensors
-header's metadata, because it records the SHA-256 and the size of the weights
-file, which a file cannot hold about itself; and a plain JSON file can be read
-and reviewed without any library.
-
-Loading never calls pickle (no ``torch.load``, no ``joblib.load``): the sidecar
-is parsed as JSON, the weights file is read once, checked against the sidecar's
-size and hash, and those same bytes are parsed by safetensors. Everything is
-checked before the net is built, and the net is returned only once its module
-holds the weights and has run on a batch of the recorded input shape, so a bad
-file raises and leaves nothing half-built.
+Its tensors are the merged net's ``state_dict`` and the criterion's tensor
+arguments (prefixed :data:`CRITERION_PREFIX`); everything else is one JSON
+document under the header metadata key :data:`METADATA_KEY`, checked on load
+against the typed :class:`Metadata` schema. Loading never unpickles, and looks
+names from the file up only in fixed allow-lists.
 """
 
+import dataclasses
 import hashlib
+import importlib.metadata
+import inspect
 import itertools
 import json
 import math
 import os
 import secrets
+import types
+import typing
 from numbers import Real
 from pathlib import Path
 
@@ -35,122 +31,284 @@ from skorch import NeuralNetBinaryClassifier, NeuralNetClassifier, NeuralNetRegr
 from ._devices import resolve_device
 from ._inputs import takes_integers
 from ._nets import module_dtype
-from ._sidecar import (
-    _LOSSES,
-    _NET_CLASSES,
-    FORMAT,
-    FORMAT_VERSION,
-    Sidecar,
-    _is_named_nonlinearity,
-    _package_version,
-    decode_criterion_arguments,
-    encode_criterion_arguments,
+
+FORMAT = "sk_softmerge.merged-net"  # the metadata's "format" field
+FORMAT_VERSION = 3  # written by save_merged, and the only one load_merged reads
+METADATA_KEY = "sk_softmerge"  # the header metadata's key of the JSON document
+CRITERION_PREFIX = ".criterion."
+"""Prefix of the criterion's tensor arguments among the file's tensors. No
+``state_dict`` name starts with ``.``: torch refuses module, parameter and buffer
+names that are empty or hold a ``.``."""
+
+_NET_CLASSES = {
+    net.__name__: net
+    for net in (NeuralNetClassifier, NeuralNetBinaryClassifier, NeuralNetRegressor)
+}
+_LOSSES = frozenset(
+    name
+    for name in torch.nn.modules.loss.__all__
+    if isinstance(getattr(torch.nn, name, None), type)
+)
+_TENSOR_DTYPES = frozenset(  # of the criterion's tensor arguments
+    "float16 bfloat16 float32 float64 uint8 int8 int16 int32 int64 bool".split()
 )
 
-WEIGHTS_SUFFIX = ".safetensors"
-SIDECAR_SUFFIX = ".json"
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    dtype: str  # "float32"
+    shape: list[int]
 
 
-def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
-    """Write a fitted merge's net to ``path`` without pickle.
+@dataclasses.dataclass(frozen=True)
+class NetSpec:
+    class_: str  # "class" in the file; a key of _NET_CLASSES
+    criterion: str  # a torch.nn loss class name, in _LOSSES
+    criterion_arguments: dict[str, int | float | str | bool | None]  # not tensors
+    predict_nonlinearity: str | None  # "auto" or None
+    batch_size: int
+    threshold: float | None  # a NeuralNetBinaryClassifier's; None otherwise
 
-    Two files are written: the merged weights at ``path`` (which must end in
-    ``.safetensors``) and a JSON sidecar next to it, with the same stem and the
-    suffix ``.json``. The sidecar records the format version, the package
-    version, the classes (``null`` for a regressor), the number of features
-    and the input shape, the unit names and gates, the name, shape and dtype
-    of every tensor, the size and SHA-256 of the weights file, and the skorch
-    class, criterion and its arguments, predict nonlinearity, batch size and
-    (for a ``NeuralNetBinaryClassifier``) threshold that :func:`load_merged`
-    needs to predict exactly as ``estimator`` does.
 
-    The criterion's arguments (the net's ``criterion__`` parameters) are
-    stored in the sidecar as JSON: numbers, strings, booleans and ``None`` as
-    they are, a tensor (``criterion__weight``, ``criterion__pos_weight``) as
-    ``{"dtype": ..., "shape": [...], "values": [...]}``, its elements in
-    row-major order, written exactly. The input shape is ``[n_features_in]``
-    when the merged module runs on a batch of zeros of shape
-    ``(2, n_features_in)``, which :func:`load_merged` then checks the module
-    it builds against; it is ``null`` otherwise, as for images of shape
-    ``(1, 28, 28)``, whose ``n_features_in_`` is their first dimension (1, as
-    :func:`sklearn.utils.validation.validate_data` counts features of
-    multi-dimensional inputs) and does not tell the input shape.
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """The checked JSON document of a file, its fields in file order."""
 
-    Both files are first written to temporary files in the same directory and
-    then moved into place, so a failed save leaves earlier files intact.
+    format: str
+    format_version: int
+    package_version: str
+    data_sha256: str  # of the tensor data: the bytes after the header
+    tensors: dict[str, TensorSpec]  # every tensor in the file
+    net: NetSpec
+    classes: list[int] | list[str] | None  # None for a regressor
+    n_features_in: int
+    input_shape: list[int] | None  # [n_features_in], or None: not known
+    unit_names: list[str]
+    gates: list[list[float]]  # one row per member, one gate per unit name
+
+    @classmethod
+    def parse(cls, raw, where: str) -> "Metadata":
+        """Check the parsed JSON ``raw`` against the field types, then against
+        :data:`_VALUE_CHECKS`; raise a ValueError at the first bad field."""
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else raw
+            raise ValueError(
+                f"{where} is not an sk_softmerge merged net: expected format "
+                f"{FORMAT!r} in its metadata, got {found!r}."
+            )
+        version = raw.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:  # JSON true == 1
+            raise ValueError(
+                f"{where} has format version {version!r}; sk_softmerge "
+                f"{_package_version()} reads version {FORMAT_VERSION}. Load it with "
+                f"the version that wrote it ({raw.get('package_version')!r})."
+            )
+        meta = _build(cls, raw, "", where)
+        for name, check in _VALUE_CHECKS.items():
+            value = raw
+            for key in name.split("."):
+                value = value[key]
+            if (expected := check(value, meta)) is not True:
+                raise ValueError(f"{where} has {name}={value!r}; expected {expected}.")
+        return meta
+
+
+def _build(schema, raw: dict, prefix: str, where: str):
+    """``raw`` as an instance of the dataclass ``schema``, each field checked
+    against its type hint (then nested dataclasses in turn), in one loop."""
+    hints, values = typing.get_type_hints(schema), {}
+    for field in dataclasses.fields(schema):
+        key, hint = field.name.removesuffix("_"), hints[field.name]
+        name, item = prefix + key, (typing.get_args(hint) or (None,))[-1]
+        if key not in raw:
+            raise ValueError(f"{where} has no {name}; expected {_describe(hint)}.")
+        value = raw[key]
+        if not _matches(value, hint):
+            raise ValueError(
+                f"{where} has {name}={value!r}; expected {_describe(hint)}."
+            )
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, f"{name}.", where)
+        elif dataclasses.is_dataclass(item):
+            value = {
+                k: _build(item, v, f"{name}.{k}.", where) for k, v in value.items()
+            }
+        values[field.name] = value
+    return schema(**values)
+
+
+def _matches(value, hint) -> bool:
+    """Whether the JSON ``value`` has the type ``hint``. An ``int`` is not a
+    ``bool`` (JSON true is a Python int); a ``float`` is a finite int or float
+    (Python's JSON parser accepts NaN and infinity)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            return False
+        return all(
+            _matches(v, args[-1]) for v in (value.values() if origin is dict else value)
+        )
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)  # its fields are checked by _build
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    return value is None if hint is type(None) else type(value) is hint
+
+
+def _describe(hint, plural: bool = False) -> str:
+    """``hint`` in words: ``list[int] | None`` is "a list of integers or null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg, plural) for arg in args)
+    if origin in (list, dict):
+        what = {list: "list", dict: "mapping"}[origin] + "s" * plural
+        of = " of strings to " if origin is dict else " of "
+        return ("" if plural else "a ") + what + of + _describe(args[-1], True)
+    if dataclasses.is_dataclass(hint):
+        keys = ", ".join(f.name.removesuffix("_") for f in dataclasses.fields(hint))
+        return f"{'objects' if plural else 'an object'} with {keys}"
+    names = {int: "integer", float: "finite number", str: "string", bool: "boolean"}
+    if hint in names:
+        return f"{names[hint]}s" if plural else f"a{'n' * (hint is int)} {names[hint]}"
+    return "null"
+
+
+def _argument_names(criterion: str) -> frozenset:
+    """Names of the keyword arguments of ``torch.nn.<criterion>``."""
+    parameters = inspect.signature(getattr(torch.nn, criterion)).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in parameters if p.kind in kinds)
+
+
+def _tensor_arguments(meta: Metadata) -> frozenset:
+    """The criterion's arguments that may be tensors of the file."""
+    return _argument_names(meta.net.criterion) - set(meta.net.criterion_arguments)
+
+
+def _binary(meta: Metadata) -> bool:
+    return meta.net.class_ == NeuralNetBinaryClassifier.__name__
+
+
+def _classes_check(v, m: Metadata):
+    if m.net.class_ == NeuralNetRegressor.__name__:
+        return v is None or "null for a NeuralNetRegressor"
+    if _binary(m):
+        return v == [0, 1] or "[0, 1] for a NeuralNetBinaryClassifier"
+    distinct = bool(v) and len(set(v)) == len(v)
+    in_int64 = all(isinstance(c, str) or -(2**63) <= c < 2**63 for c in v)
+    return (distinct and in_int64) or (
+        "a non-empty list of distinct integers or of distinct strings"
+    )
+
+
+# The checks that types cannot express, run in this order once every field has
+# its type: field -> check(value, metadata), True or what was expected.
+_VALUE_CHECKS = {
+    "net.class": lambda v, m: v in _NET_CLASSES or " or ".join(map(repr, _NET_CLASSES)),
+    "net.criterion": lambda v, m: v in _LOSSES or "the class name of a torch.nn loss",
+    "net.criterion_arguments": lambda v, m: (
+        set(v) <= _argument_names(m.net.criterion)
+        or f"a mapping from arguments of torch.nn.{m.net.criterion} "
+        f"({', '.join(sorted(_argument_names(m.net.criterion)))}) to numbers, strings, "
+        "booleans or null"
+    ),
+    "tensors": lambda v, m: (
+        all(
+            k.removeprefix(CRITERION_PREFIX) in _tensor_arguments(m)
+            and spec.dtype in _TENSOR_DTYPES
+            for k, spec in m.tensors.items()
+            if k.startswith(CRITERION_PREFIX)
+        )
+        or f"the tensors named {CRITERION_PREFIX!r} + an argument of torch.nn."
+        f"{m.net.criterion} ({', '.join(sorted(_tensor_arguments(m)))}) of dtype "
+        f"{', '.join(sorted(_TENSOR_DTYPES))}"
+    ),
+    "net.predict_nonlinearity": lambda v, m: v in (None, "auto") or "'auto' or null",
+    "net.batch_size": lambda v, m: v >= 1 or "a positive integer",
+    "net.threshold": lambda v, m: (
+        (v is not None) == _binary(m)
+        or ("a number, for a binary net" if _binary(m) else "null")
+    ),
+    "classes": _classes_check,
+    "n_features_in": lambda v, m: v >= 1 or "a positive integer",
+    "input_shape": lambda v, m: (
+        v is None
+        or (v[:1] == [m.n_features_in] and min(v) >= 1)
+        or f"null or a list of positive integers starting with {m.n_features_in} "
+        "(n_features_in)"
+    ),
+    "gates": lambda v, m: (
+        (
+            (len(v) >= 2 and all(len(row) == len(m.unit_names) for row in v))
+            and all(0 <= gate <= 1 for row in v for gate in row)
+        )
+        or f"one row per member (at least 2) of {len(m.unit_names)} values in "
+        "[0, 1], one per unit name"
+    ),
+}
+
+
+def save_merged(estimator, path: str | os.PathLike) -> Path:
+    """Write a fitted merge's net to ``path``, one safetensors file, without pickle.
+
+    Its tensors are the merged module's ``state_dict`` and the criterion's tensor
+    arguments (named ``".criterion." + argument``); its header metadata holds,
+    under ``"sk_softmerge"``, one JSON document of the :class:`Metadata` fields
+    that :func:`load_merged` checks. It is written to a temporary file in the
+    same folder, then moved into place: a failed save keeps an earlier file.
 
     Parameters
     ----------
     estimator : SoftMergeClassifier or SoftMergeRegressor
-        A fitted merge whose ``merged_net_`` is a skorch ``NeuralNetClassifier``
-        (with classes that are integers or strings), ``NeuralNetBinaryClassifier``
-        or ``NeuralNetRegressor``, with a ``torch.nn`` criterion whose
-        ``criterion__`` arguments are numbers, strings, booleans, ``None`` or
-        tensors, and ``predict_nonlinearity`` ``"auto"`` or ``None``.
+        A fitted merge: a skorch classifier (integer or string classes) or
+        regressor with a ``torch.nn`` criterion whose ``criterion__`` arguments
+        are numbers, strings, booleans, ``None`` or tensors.
     path : str or path-like
-        Where to write the weights; must end in ``.safetensors``. Existing files
-        are replaced.
+        Where to write; must end in ``.safetensors``. An existing file is replaced.
 
     Returns
     -------
-    weights_path, sidecar_path : pathlib.Path
-        The two files written.
+    path : pathlib.Path
+        The one file written.
 
     Raises
     ------
     ValueError
-        If the path does not end in ``.safetensors``, or the merge holds
-        something that the format cannot represent (classes that are neither
-        integers nor strings, a custom criterion or predict nonlinearity, a
-        criterion argument that is a function or another object, named in the
-        message, or a criterion instance that its class and ``criterion__``
-        arguments do not rebuild).
-
-    See Also
-    --------
-    load_merged : Rebuild the fitted skorch net from the two files.
-
-    Notes
-    -----
-    The hash detects a weights file that was truncated, corrupted or replaced
-    after saving. It is not a signature: whoever can rewrite both files can
-    make them say anything, though never make loading run code. If a save is
-    interrupted between moving the two files into place, the new weights sit
-    next to the old sidecar, and :func:`load_merged` refuses the pair.
+        If the path does not end in ``.safetensors``, or the merge holds what the
+        format cannot represent (named in the message).
 
     Examples
     --------
     >>> import json, tempfile
     >>> from pathlib import Path
-    >>> import numpy as np, torch
+    >>> import numpy as np, safetensors, torch
     >>> from sklearn.datasets import load_iris
     >>> from skorch import NeuralNetClassifier
     >>> from sk_softmerge import SoftMergeClassifier
-    >>> from sk_softmerge._export import save_merged
+    >>> from sk_softmerge._export import load_merged, save_merged
     >>> X, y = load_iris(return_X_y=True)
     >>> X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
-    >>> def mlp(n_hidden=8):
-    ...     return torch.nn.Sequential(torch.nn.Linear(4, n_hidden), torch.nn.ReLU(),
-    ...                                torch.nn.Linear(n_hidden, 3))
-    >>> members = [NeuralNetClassifier(mlp, criterion=torch.nn.CrossEntropyLoss,
-    ...                                max_epochs=5, lr=0.1, verbose=0).fit(X, y)
-    ...            for _ in range(2)]
+    >>> members = [NeuralNetClassifier(
+    ...     torch.nn.Linear, module__in_features=4, module__out_features=3,
+    ...     criterion=torch.nn.CrossEntropyLoss, max_epochs=5, lr=0.1,
+    ...     verbose=0).fit(X, y) for _ in range(2)]
     >>> merge = SoftMergeClassifier(members, max_epochs=2, random_state=0).fit(X, y)
     >>> with tempfile.TemporaryDirectory() as folder:
-    ...     weights, sidecar = save_merged(merge, Path(folder) / "merged.safetensors")
-    ...     meta = json.loads(sidecar.read_text())
-    >>> weights.name, sidecar.name
-    ('merged.safetensors', 'merged.json')
-    >>> meta["classes"], meta["net"]["criterion"], meta["net"]["criterion_arguments"]
-    ([0, 1, 2], 'CrossEntropyLoss', {})
-    >>> meta["n_features_in"], meta["input_shape"]
-    (4, [4])
-    >>> meta["unit_names"][:3], len(meta["gates"]), len(meta["gates"][0])
-    (['0[0]', '0[1]', '0[2]'], 2, 11)
-    >>> meta["tensors"]["0.weight"]
-    {'dtype': 'float32', 'shape': [8, 4]}
+    ...     path = save_merged(merge, Path(folder) / "merged.safetensors")
+    ...     with safetensors.safe_open(path, "pt") as file:
+    ...         meta = json.loads(file.metadata()["sk_softmerge"])
+    ...     written = [p.name for p in Path(folder).iterdir()]
+    ...     net = load_merged(path, torch.nn.Linear, in_features=4, out_features=3)
+    >>> written, meta["format_version"], meta["classes"], meta["input_shape"]
+    (['merged.safetensors'], 3, [0, 1, 2], [4])
+    >>> meta["net"]["criterion"], meta["tensors"]["weight"]
+    ('CrossEntropyLoss', {'dtype': 'float32', 'shape': [3, 4]})
+    >>> np.array_equal(net.predict_proba(X), merge.predict_proba(X))
+    True
     """
-    weights_path, sidecar_path = _paths(path)
+    path = _checked_path(path)
     check_is_fitted(estimator, "merged_net_")
     if getattr(estimator, "_input_keys", None) is not None:
         raise ValueError(
@@ -159,12 +317,8 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
             "joblib, or save merged_net_.module_.state_dict() with torch."
         )
     net = estimator.merged_net_
-    net_description = _describe_net(net)
-    classes = (
-        None
-        if isinstance(net, NeuralNetRegressor)
-        else _json_classes(estimator.classes_)
-    )
+    net_description, tensors = _describe_net(net)
+    regressor = isinstance(net, NeuralNetRegressor)
     module = getattr(net.module_, "_orig_mod", net.module_)
     n_features = int(estimator.n_features_in_)
     try:
@@ -172,34 +326,41 @@ def save_merged(estimator, path: str | os.PathLike) -> tuple[Path, Path]:
         input_shape = [n_features]
     except Exception:  # any failure: the module takes inputs of another shape
         input_shape = None
-    # clone() also unties shared tensors, which safetensors refuses to write.
-    state = {
-        name: tensor.detach().cpu().contiguous().clone()
-        for name, tensor in module.state_dict().items()
-    }
-    weights = safetensors.torch.save(
-        state, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}
-    )
-    # The layout that Sidecar.read checks field by field.
-    sidecar = {
+    # clone() also unties shared tensors, which safetensors refuses to write. No
+    # state_dict name starts with the prefix (see CRITERION_PREFIX).
+    for name, tensor in module.state_dict().items():
+        tensors[name] = tensor.detach().cpu().contiguous().clone()
+    document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": _package_version(),
-        "weights": {
-            "size": len(weights),
-            "sha256": hashlib.sha256(weights).hexdigest(),
-        },
-        "tensors": _specs(state),
+        "data_sha256": _digest(tensors),
+        "tensors": _specs(tensors),
         "net": net_description,
-        "classes": classes,
+        "classes": None if regressor else np.asarray(estimator.classes_).tolist(),
         "n_features_in": n_features,
         "input_shape": input_shape,
         "unit_names": [str(name) for name in estimator.unit_names_],
         "gates": np.asarray(estimator.gates_).tolist(),
     }
-    text = json.dumps(sidecar, indent=2, allow_nan=False) + "\n"
-    _write_atomically({weights_path: weights, sidecar_path: text.encode("utf-8")})
-    return weights_path, sidecar_path
+    # What load_merged would refuse is refused here, before anything is written.
+    Metadata.parse(document, "save_merged cannot store this merge: it")
+    text = json.dumps(document, allow_nan=False)
+    data = safetensors.torch.save(tensors, metadata={METADATA_KEY: text})
+    if hashlib.sha256(_data(data)).hexdigest() != document["data_sha256"]:
+        raise RuntimeError("safetensors laid out the tensor data differently.")
+    _write_atomically(path, data)
+    return path
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 of the tensor data of ``tensors`` saved with any metadata."""
+    return hashlib.sha256(_data(safetensors.torch.save(tensors))).hexdigest()
+
+
+def _data(data: bytes) -> bytes:
+    """The bytes of a safetensors file after its header: the tensor data."""
+    return data[8 + int.from_bytes(data[:8], "little") :]
 
 
 def load_merged(
@@ -209,95 +370,47 @@ def load_merged(
     device: str = "cpu",
     **module_kwargs,
 ) -> NeuralNetClassifier | NeuralNetBinaryClassifier | NeuralNetRegressor:
-    """Rebuild a fitted skorch net from files written by ``save_merged``.
+    """Rebuild a fitted skorch net from a file written by :func:`save_merged`.
 
-    The sidecar and the weights file are checked in full before anything is
-    built: format and version, the weights file's size and SHA-256, the
-    sidecar's description of every tensor against the tensors themselves.
-    Then the net is built from ``module(**module_kwargs)``, its ``state_dict``
-    is checked to have exactly the file's tensor names, shapes and dtypes, and
-    the weights are loaded. Last, when the sidecar records an input shape
-    (``[n_features_in]``), the module is run in eval mode, without gradients,
-    on a batch of zeros of shape ``(2, n_features_in)``: a module that does not
-    take the inputs the merge was fitted on is refused here, not at its first
-    prediction. Sidecars without an input shape (merges fitted on
-    multi-dimensional inputs, such as images, and version 1 files) skip this
-    check. Nothing is unpickled.
-
-    Sidecars of version 1 are read too: their nets are rebuilt with the
-    criterion's default arguments, which is what version 1 stored.
+    Everything is checked before a net is built: the file by safetensors, its
+    metadata against :class:`Metadata` (format version 3), its tensor data
+    against the recorded SHA-256, its tensors against the metadata and the
+    ``state_dict`` of ``module(**module_kwargs)``. Last, when ``input_shape`` is
+    recorded, the module runs (in eval mode, without gradients) on zeros of shape
+    ``(2, n_features_in)``. Nothing is unpickled.
 
     Parameters
     ----------
     path : str or path-like
-        The weights file, ending in ``.safetensors``; its sidecar is the file
-        of the same stem with the suffix ``.json``.
+        The file, ending in ``.safetensors``.
     module : class or callable
-        The module class of the merged net (or a function returning a module):
-        the net's module is ``module(**module_kwargs)``. Not an instance, whose
-        weights would be overwritten.
+        The merged net's module class (or a function returning a module), not an
+        instance: the net's module is ``module(**module_kwargs)``.
     device : str, default="cpu"
-        Device of the returned net: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or
-        ``"auto"``. A module argument named ``device`` can be passed through
-        :func:`functools.partial`.
+        Device of the net: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
     **module_kwargs
         Arguments of ``module``.
 
     Returns
     -------
     net : NeuralNetClassifier, NeuralNetBinaryClassifier or NeuralNetRegressor
-        An initialised net of the saved class, with the merged weights, the
-        saved classes (for a ``NeuralNetClassifier``), threshold (for a
-        ``NeuralNetBinaryClassifier``), criterion class and arguments, predict
-        nonlinearity and batch size; its ``predict_proba`` and ``predict``
-        equal the saved merged net's.
+        An initialised net that predicts as the saved merged net.
 
     Raises
     ------
     FileNotFoundError
-        If the weights file or its sidecar does not exist.
+        If the file does not exist.
     ValueError
-        If either file is malformed, truncated or modified, they do not match
-        each other, the module's ``state_dict`` does not match the weights, or
-        the module does not run on a batch of the sidecar's ``n_features_in``
-        features.
+        If the file is not a valid sk_softmerge merged net of format version 3,
+        or its metadata, tensors or module do not match: found and expected.
     TypeError
         If ``module`` is a module instance.
 
     See Also
     --------
-    save_merged : Write the two files.
-    SoftMergeClassifier.save_merged : The same, as a method of the estimator.
-    SoftMergeRegressor.save_merged : The same, for a regressor.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> from pathlib import Path
-    >>> import numpy as np, torch
-    >>> from sklearn.datasets import load_iris
-    >>> from skorch import NeuralNetClassifier
-    >>> from sk_softmerge import SoftMergeClassifier, load_merged
-    >>> X, y = load_iris(return_X_y=True)
-    >>> X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
-    >>> def mlp(n_hidden=8):
-    ...     return torch.nn.Sequential(torch.nn.Linear(4, n_hidden), torch.nn.ReLU(),
-    ...                                torch.nn.Linear(n_hidden, 3))
-    >>> members = [NeuralNetClassifier(mlp, criterion=torch.nn.CrossEntropyLoss,
-    ...                                max_epochs=5, lr=0.1, verbose=0).fit(X, y)
-    ...            for _ in range(2)]
-    >>> merge = SoftMergeClassifier(members, max_epochs=2, validation_fraction=0,
-    ...                             random_state=0).fit(X, y)
-    >>> with tempfile.TemporaryDirectory() as folder:
-    ...     path = Path(folder) / "merged.safetensors"
-    ...     _ = merge.save_merged(path)
-    ...     net = load_merged(path, mlp, n_hidden=8)
-    >>> type(net).__name__, net.classes_
-    ('NeuralNetClassifier', array([0, 1, 2]))
-    >>> np.array_equal(net.predict_proba(X), merge.predict_proba(X))
-    True
+    save_merged : Write the file; its example loads it back.
     """
-    weights_path, sidecar_path = _paths(path)
+    path = _checked_path(path)
     if isinstance(module, torch.nn.Module):
         raise TypeError(
             "module must be the module class (or a function building the module), "
@@ -305,24 +418,32 @@ def load_merged(
             "would overwrite its weights."
         )
     resolved_device = resolve_device(device)
-    sidecar = Sidecar.read(sidecar_path)
-    tensors = _read_weights(weights_path, sidecar)
-    found = _specs(tensors)
-    where = f"The sidecar {str(sidecar_path)!r}"
-    _check_same(found, sidecar.tensors, where, "the sidecar", weights_path)
+    meta, tensors = _read(path)
+    arguments = {
+        name.removeprefix(CRITERION_PREFIX): tensors.pop(name)
+        for name in list(tensors)
+        if name.startswith(CRITERION_PREFIX)
+    }
+    values, loss = meta.net.criterion_arguments, getattr(torch.nn, meta.net.criterion)
+    try:
+        loss(**values, **arguments)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise ValueError(
+            f"The file {str(path)!r} has net.criterion_arguments={values!r} and "
+            f"tensors {sorted(arguments)}, which do not build a torch.nn."
+            f"{loss.__name__}: {exc}"
+        ) from exc
     params = {f"module__{key}": value for key, value in module_kwargs.items()}
-    arguments = decode_criterion_arguments(sidecar.net_criterion_arguments)
-    _check_criterion(sidecar, arguments, where)
-    params.update({f"criterion__{key}": value for key, value in arguments.items()})
-    if sidecar.net_class == NeuralNetClassifier.__name__:
-        params["classes"] = sidecar.classes
-    if sidecar.net_threshold is not None:
-        params["threshold"] = sidecar.net_threshold
-    net = _NET_CLASSES[sidecar.net_class](
+    params |= {f"criterion__{k}": v for k, v in (values | arguments).items()}
+    if meta.net.class_ == NeuralNetClassifier.__name__:
+        params["classes"] = meta.classes
+    if meta.net.threshold is not None:
+        params["threshold"] = meta.net.threshold
+    net = _NET_CLASSES[meta.net.class_](
         module,
-        criterion=getattr(torch.nn, sidecar.net_criterion),
-        predict_nonlinearity=sidecar.net_predict_nonlinearity,
-        batch_size=sidecar.net_batch_size,
+        criterion=loss,
+        predict_nonlinearity=meta.net.predict_nonlinearity,
+        batch_size=meta.net.batch_size,
         device=str(resolved_device),
         train_split=None,
         verbose=0,
@@ -331,35 +452,64 @@ def load_merged(
     with torch.random.fork_rng(devices=[]):
         net.initialize()
     name = getattr(module, "__qualname__", type(module).__name__)
-    built = _specs(net.module_.state_dict())
     where = f"The module built by {name}(...)"
-    _check_same(found, built, where, "the module", weights_path)
+    _check_same(_specs(tensors), _specs(net.module_.state_dict()), where, "the module")
     net.module_.load_state_dict(tensors)
-    if sidecar.input_shape is not None:
-        shape = (2, *sidecar.input_shape)
-        try:
-            _dry_run(net.module_, sidecar.input_shape)
-        except Exception as exc:  # any failure: the module takes other inputs
-            raise ValueError(
-                f"The module built by {name}(...) does not take the inputs that "
-                f"the merge was fitted on: the sidecar {str(sidecar_path)!r} "
-                f"records n_features_in={sidecar.n_features_in}, and a batch of "
-                f"zeros of shape {shape} failed: {exc}"
-            ) from exc
+    try:
+        if meta.input_shape is not None:
+            _dry_run(net.module_, meta.input_shape)
+    except Exception as exc:  # any failure: the module takes other inputs
+        raise ValueError(
+            f"{where} does not take the inputs that the merge was fitted on: the file "
+            f"{str(path)!r} records n_features_in={meta.n_features_in}, and a batch "
+            f"of zeros of shape {(2, *meta.input_shape)} failed: {exc}"
+        ) from exc
     return net
 
 
-def _paths(path) -> tuple[Path, Path]:
-    weights_path = Path(path)
-    if weights_path.suffix != WEIGHTS_SUFFIX:
+def _checked_path(path) -> Path:
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"path must name a '.safetensors' file; got {str(path)!r}.")
+    return Path(path)
+
+
+def _read(path: Path) -> tuple[Metadata, dict[str, torch.Tensor]]:
+    """The checked metadata and tensors of the file at ``path``."""
+    where = f"The file {str(path)!r}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where} does not exist.")
+    data = path.read_bytes()  # read once: the bytes checked are the bytes parsed
+    try:
+        tensors = safetensors.torch.load(data)
+    except (safetensors.SafetensorError, ValueError, TypeError) as exc:
+        raise ValueError(f"{where} is not a valid safetensors file: {exc}.") from exc
+    # Valid, so the header is a JSON object, its metadata strings by string.
+    header = json.loads(data[8 : len(data) - len(_data(data))])
+    metadata = header.get("__metadata__", {})
+    if METADATA_KEY not in metadata:
         raise ValueError(
-            f"path must name a {WEIGHTS_SUFFIX!r} file (its sidecar is the "
-            f"{SIDECAR_SUFFIX!r} file of the same stem); got {str(path)!r}."
+            f"{where} is not an sk_softmerge merged net: its safetensors metadata "
+            f"has no {METADATA_KEY!r} entry, only {sorted(metadata)}."
         )
-    return weights_path, weights_path.with_suffix(SIDECAR_SUFFIX)
+    try:
+        raw = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} has metadata that is not JSON: {exc}.") from exc
+    meta = Metadata.parse(raw, where)
+    digest = hashlib.sha256(_data(data)).hexdigest()
+    if digest != meta.data_sha256:
+        raise ValueError(
+            f"{where} has tensor data of SHA-256 {digest}, but its metadata records "
+            f"{meta.data_sha256}: the file was modified after saving."
+        )
+    specs = {name: dataclasses.asdict(spec) for name, spec in meta.tensors.items()}
+    _check_same(_specs(tensors), specs, f"The metadata of {where[4:]}", "the metadata")
+    return meta, tensors
 
 
-def _describe_net(net) -> dict:
+def _describe_net(net) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata's ``net`` field, and the criterion's tensor arguments by
+    their names in the file."""
     if type(net) not in _NET_CLASSES.values():
         raise ValueError(
             f"save_merged writes skorch {', '.join(_NET_CLASSES)} nets; the "
@@ -372,132 +522,80 @@ def _describe_net(net) -> dict:
             "save_merged writes nets whose criterion is a torch.nn loss; the merged "
             f"net's criterion is {type(criterion).__module__}.{name}."
         )
-    if not _is_named_nonlinearity(net.predict_nonlinearity):
-        raise ValueError(
-            "save_merged writes nets whose predict_nonlinearity is 'auto' or None, "
-            "since a function cannot be stored without pickle; got "
-            f"{net.predict_nonlinearity!r}."
-        )
-    arguments = encode_criterion_arguments(net.get_params_for("criterion"))
-    _check_rebuilds(criterion, arguments)
-    return {
+    values, tensors = {}, {}
+    for key, value in net.get_params_for("criterion").items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = _checked_tensor(key, value)
+        else:
+            values[key] = _json_argument(key, value)
+    _check_rebuilds(criterion, {**values, **tensors})
+    threshold = getattr(net, "threshold", None)
+    if isinstance(threshold, Real) and not isinstance(threshold, bool):
+        threshold = float(threshold)  # a NaN is refused with the metadata
+    description = {
         "class": type(net).__name__,
         "criterion": name,
-        "criterion_arguments": arguments,
+        "criterion_arguments": values,
         "predict_nonlinearity": net.predict_nonlinearity,
         "batch_size": int(net.batch_size),
-        "threshold": _threshold(net),
+        "threshold": threshold if isinstance(net, NeuralNetBinaryClassifier) else None,
     }
+    return description, {CRITERION_PREFIX + k: v for k, v in tensors.items()}
 
 
-def _check_criterion(sidecar: Sidecar, arguments: dict, where: str) -> None:
-    """Raise a ValueError if the sidecar's criterion and its ``arguments`` do
-    not build a loss; ``where`` names the sidecar to start the message."""
-    loss = sidecar.net_criterion
-    try:
-        getattr(torch.nn, loss)(**arguments)
-    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+def _json_argument(name: str, value):
+    """A criterion argument that is not a tensor, as a JSON value."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if value is None or isinstance(value, str | int) or _matches(value, float):
+        return value
+    raise ValueError(
+        "save_merged stores criterion arguments that are finite numbers, strings, "
+        "booleans, None or tensors, since nothing else can be stored without "
+        f"pickle; criterion__{name} is {value!r}, of type {type(value).__qualname__}"
+        ". Pass a value of one of those types, or save the merge with joblib."
+    )
+
+
+def _checked_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A criterion's tensor argument, on the CPU; raise if the format refuses it."""
+    dtype = str(value.dtype).removeprefix("torch.")
+    if dtype not in _TENSOR_DTYPES:
         raise ValueError(
-            f"{where} has net.criterion_arguments="
-            f"{sidecar.net_criterion_arguments!r}, which do not build a "
-            f"torch.nn.{loss}: {exc}"
-        ) from exc
-
-
-def _threshold(net) -> float | None:
-    """A binary net's threshold, as a float; ``None`` for other nets."""
-    if not isinstance(net, NeuralNetBinaryClassifier):
-        return None
-    threshold = net.threshold
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, Real)
-        or not math.isfinite(threshold)
-    ):
-        raise ValueError(
-            "save_merged stores the threshold of a NeuralNetBinaryClassifier as a "
-            f"finite number; the merged net's threshold is {threshold!r}."
+            f"save_merged stores tensor criterion arguments of dtype "
+            f"{', '.join(sorted(_TENSOR_DTYPES))}; criterion__{name} has dtype {dtype}."
         )
-    return float(threshold)
+    value = value.detach().cpu().contiguous().clone()
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"save_merged stores finite tensors; criterion__{name} isn't.")
+    return value
 
 
 def _check_rebuilds(criterion: torch.nn.Module, arguments: dict) -> None:
-    """Raise if ``type(criterion)(**arguments)`` (decoded) differs from
-    ``criterion``: in a buffer, or in an attribute such as ``reduction``.
-
-    The sidecar stores the criterion as its class and arguments, so a criterion
-    passed to skorch as an instance, or changed after it was built, would be
-    reloaded as another one.
-    """
-    loss = type(criterion).__name__
-    call = ", ".join(f"{key}=..." for key in arguments)
-    rebuilt = type(criterion)(**decode_criterion_arguments(arguments))
-    difference = criterion_difference(criterion, rebuilt)
-    if difference is not None:
-        raise ValueError(
-            f"save_merged stores the criterion as its class and its criterion__ "
-            f"arguments, but the merged net's criterion is not torch.nn.{loss}"
-            f"({call}): {difference}. Pass the criterion as a class "
-            f"with criterion__ arguments (criterion=torch.nn.{loss}, "
-            "criterion__weight=...), not as an instance or changed after fit."
-        )
-
-
-def criterion_difference(
-    criterion: torch.nn.Module, other: torch.nn.Module
-) -> str | None:
-    """How ``other`` differs from ``criterion``, or ``None`` if it does not.
-
-    Compared: the class, the buffers (``weight``, ``pos_weight``; values and
-    dtypes, wherever they are), and the public attributes (``reduction``,
-    ``label_smoothing``, ``ignore_index``...) but for ``training``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sk_softmerge._export import criterion_difference
-    >>> weight = torch.tensor([1.0, 2.0])
-    >>> criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
-    >>> print(criterion_difference(
-    ...     criterion, torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)))
-    None
-    >>> criterion_difference(criterion, torch.nn.CrossEntropyLoss(weight=weight))
-    'its label_smoothing is 0.1, not 0.0'
-    >>> criterion_difference(criterion, torch.nn.CrossEntropyLoss())
-    "it has buffers ['weight'], not []"
-    """
-    if type(criterion) is not type(other):
-        return f"it is a {type(criterion).__qualname__}, not {type(other).__qualname__}"
-    buffers, other_buffers = criterion.state_dict(), other.state_dict()
-    if list(buffers) != list(other_buffers):
-        return f"it has buffers {list(buffers)}, not {list(other_buffers)}"
-    for key, tensor in buffers.items():
-        if not _same(tensor, other_buffers[key]):
-            return f"its buffer {key} is {tensor!r}, not {other_buffers[key]!r}"
-    attributes, other_attributes = (
-        {
-            key: value
-            for key, value in vars(loss).items()
-            if not key.startswith("_") and key != "training"
-        }
-        for loss in (criterion, other)
+    """Raise if ``type(criterion)(**arguments)`` differs from ``criterion`` in a
+    buffer or a public attribute (a criterion passed as an instance, or changed
+    after it was built): the file stores the criterion as its class and arguments."""
+    loss, call = type(criterion).__name__, ", ".join(f"{k}=..." for k in arguments)
+    found, rebuilt = (
+        {k: v for k, v in vars(c).items() if not k.startswith("_") and k != "training"}
+        | dict(c.named_buffers())
+        for c in (criterion, type(criterion)(**arguments))
     )
-    for key in sorted(attributes.keys() | other_attributes.keys()):
-        value, other_value = attributes.get(key), other_attributes.get(key)
-        if not _same(value, other_value):
-            return f"its {key} is {value!r}, not {other_value!r}"
-    return None
+    for key in sorted(found.keys() | rebuilt.keys()):
+        if not _same(found.get(key), rebuilt.get(key)):
+            raise ValueError(
+                "save_merged stores the criterion as its class and its criterion__ "
+                f"arguments, but the merged net's criterion is not torch.nn.{loss}"
+                f"({call}): its {key} is {found.get(key)!r}, not "
+                f"{rebuilt.get(key)!r}. Pass the criterion as a class with criterion__ "
+                f"arguments (criterion=torch.nn.{loss}, criterion__weight=...), not as "
+                "an instance or changed after fit."
+            )
 
 
 def _same(value, other) -> bool:
-    if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
-        return (
-            isinstance(value, torch.Tensor)
-            and isinstance(other, torch.Tensor)
-            and value.dtype == other.dtype
-            and value.shape == other.shape
-            and torch.equal(value.detach().cpu(), other.detach().cpu())
-        )
+    if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor):
+        same_kind = value.dtype == other.dtype and value.shape == other.shape
+        return same_kind and torch.equal(value.detach().cpu(), other.detach().cpu())
     try:
         return bool(value == other)
     except (TypeError, ValueError, RuntimeError):  # an array, say
@@ -505,13 +603,8 @@ def _same(value, other) -> bool:
 
 
 def _dry_run(module: torch.nn.Module, shape) -> None:
-    """Run ``module`` on a batch of zeros of shape ``(2, *shape)``.
-
-    In the module's input dtype (int64 for a module holding an embedding, its
-    floating dtype otherwise), on its device, in eval mode and without
-    gradients; every submodule's training mode and the CPU random state are
-    restored, so the module and the caller see no change.
-    """
+    """Run ``module`` on zeros of shape ``(2, *shape)`` of its input dtype, on its
+    device, in eval mode, without gradients, keeping modes and the random state."""
     dtype = torch.int64 if takes_integers(module) else module_dtype(module)
     tensors = itertools.chain(module.parameters(), module.buffers())
     device = next(tensors, torch.empty(0)).device
@@ -525,107 +618,52 @@ def _dry_run(module: torch.nn.Module, shape) -> None:
             submodule.training = training
 
 
-def _json_classes(classes) -> list:
-    classes = np.asarray(classes)
-    if classes.dtype.kind in "iu":
-        return [int(label) for label in classes]
-    if classes.dtype.kind == "U" or (
-        classes.dtype.kind == "O" and all(isinstance(c, str) for c in classes)
-    ):
-        return [str(label) for label in classes]
-    raise ValueError(
-        "save_merged stores classes as JSON integers or strings; got classes "
-        f"{classes.tolist()!r} of dtype {classes.dtype}. Fit the members on integer "
-        "or string labels to export the merge."
-    )
-
-
 def _specs(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """The dtype and shape of each tensor, as the sidecar records them."""
+    """The dtype and shape of each tensor, as the metadata records them."""
     return {
         name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         for name, t in tensors.items()
     }
 
 
-def _write_atomically(contents: dict[Path, bytes]) -> None:
-    temporary = {}
-    try:
-        for target, data in contents.items():
-            name = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
-            # os.open applies the umask, so the final files get the usual mode.
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            temporary[target] = name
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-        for target, name in temporary.items():
-            os.replace(name, target)
-    finally:
-        for name in temporary.values():
-            name.unlink(missing_ok=True)
-
-
-def _read_weights(weights_path: Path, sidecar: Sidecar) -> dict[str, torch.Tensor]:
-    where = f"The weights file {str(weights_path)!r}"
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{where} does not exist.")
-    # Read once: the bytes that are hashed are the bytes that are parsed.
-    data = weights_path.read_bytes()
-    if len(data) != sidecar.weights_size:
-        raise ValueError(
-            f"{where} has {len(data)} bytes, but its sidecar records "
-            f"{sidecar.weights_size}: the file is truncated or was replaced after "
-            "saving."
-        )
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sidecar.weights_sha256:
-        raise ValueError(
-            f"The SHA-256 of the weights file {str(weights_path)!r} is {digest}, but "
-            f"its sidecar records {sidecar.weights_sha256}: the file was modified "
-            "after saving, or the sidecar belongs to another file."
-        )
-    try:
-        return safetensors.torch.load(data)
-    except (safetensors.SafetensorError, ValueError, TypeError) as exc:
-        raise ValueError(f"{where} is not a valid safetensors file: {exc}.") from exc
-
-
-def _check_same(
-    found: dict, expected: dict, subject: str, holder: str, weights_path: Path
-) -> None:
-    """Raise if the tensors ``found`` in the weights file differ from ``expected``.
-
-    Both map tensor names to dtype and shape, as :func:`_specs` does.
-    ``holder`` is what ``expected`` describes (``"the sidecar"`` or ``"the
-    module"``), and ``subject`` names it in full to start the message.
-    """
+def _check_same(found: dict, expected: dict, subject: str, holder: str) -> None:
+    """Raise if the tensors ``found`` in the file differ from those ``expected``
+    by ``holder`` (the metadata or the module), both as :func:`_specs` gives."""
     # Sorted: safetensors does not keep the order in which tensors were saved.
-    missing = sorted(expected.keys() - found.keys())
-    extra = sorted(found.keys() - expected.keys())
-    differences = []
-    if missing:
-        differences.append(
-            f"the weights file is missing tensors {missing} that {holder} has"
-        )
-    if extra:
-        differences.append(
-            f"the weights file has extra tensors {extra} that {holder} lacks"
-        )
-    for name, spec in expected.items():
-        if name not in found:
-            continue
-        # A shape reads as a tuple, (16, 64).
-        for key, show in (("shape", tuple), ("dtype", str)):
-            if found[name][key] != spec[key]:
+    missing, extra = sorted(expected.keys() - found), sorted(found.keys() - expected)
+    differences = [f"the file is missing tensors {missing} that {holder} has"] * (
+        len(missing) > 0
+    ) + [f"the file has extra tensors {extra} that {holder} lacks"] * (len(extra) > 0)
+    for name in sorted(expected.keys() & found.keys()):
+        for key, show in (("shape", tuple), ("dtype", str)):  # a shape as (16, 64)
+            if found[name][key] != expected[name][key]:
                 differences.append(
-                    f"{name!r} has {key} {show(found[name][key])} in the weights "
-                    f"file, but {show(spec[key])} in {holder}"
+                    f"{name!r} has {key} {show(found[name][key])} in the file, but "
+                    f"{show(expected[name][key])} in {holder}"
                 )
     if differences:
         raise ValueError(
-            f"{subject} does not match the weights file {str(weights_path)!r}: "
-            + "; ".join(differences)
-            + "."
+            f"{subject} does not match the file: {'; '.join(differences)}."
         )
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    name = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        # os.open applies the umask, so the final file gets the usual mode.
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(name, target)
+    finally:
+        name.unlink(missing_ok=True)
+
+
+def _package_version() -> str:
+    # Not ``from . import __version__``: the package root imports this module.
+    try:
+        return importlib.metadata.version("sk_softmerge")
+    except importlib.metadata.PackageNotFoundError:  # a source tree, not installed
+        return "unknown"

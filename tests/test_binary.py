@@ -12,6 +12,8 @@ import json
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import GridSearchCV
@@ -203,21 +205,33 @@ def weighted_strict_merge(cancer):
     return SoftMergeClassifier(members, max_epochs=2, random_state=0).fit(X, y)
 
 
+def read_meta(path):
+    with safetensors.safe_open(path, "pt") as file:
+        return json.loads(file.metadata()["sk_softmerge"])
+
+
+def write_meta(path, meta):
+    tensors = safetensors.torch.load_file(path)
+    metadata = {"sk_softmerge": json.dumps(meta)}
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+
+
 class TestBinaryExport:
     def test_round_trip_with_threshold_and_pos_weight(
         self, weighted_strict_merge, cancer, tmp_path
     ):
         X, _ = cancer
         merge = weighted_strict_merge
-        weights, sidecar = merge.save_merged(tmp_path / "binary.safetensors")
-        meta = json.loads(sidecar.read_text())
+        path = merge.save_merged(tmp_path / "binary.safetensors")
+        meta = read_meta(path)
         assert meta["net"]["class"] == "NeuralNetBinaryClassifier"
         assert meta["net"]["threshold"] == 0.9
-        assert meta["net"]["criterion_arguments"] == {
-            "pos_weight": {"dtype": "float32", "shape": [], "values": [2.0]}
-        }
+        assert meta["net"]["criterion_arguments"] == {}
+        pos_weight = safetensors.torch.load_file(path)[".criterion.pos_weight"]
+        assert pos_weight.dtype == torch.float32
+        assert torch.equal(pos_weight, torch.tensor(2.0))
         assert meta["classes"] == [0, 1]
-        net = load_merged(weights, make_module, n_features=X.shape[1], n_classes=1)
+        net = load_merged(path, make_module, n_features=X.shape[1], n_classes=1)
         assert type(net) is NeuralNetBinaryClassifier
         assert net.threshold == 0.9
         np.testing.assert_array_equal(net.predict_proba(X), merge.predict_proba(X))
@@ -233,9 +247,9 @@ class TestBinaryExport:
 
     def test_round_trip_with_the_default_threshold(self, merge, cancer, tmp_path):
         X, _ = cancer
-        weights, sidecar = merge.save_merged(tmp_path / "binary.safetensors")
-        assert json.loads(sidecar.read_text())["net"]["threshold"] == 0.5
-        net = load_merged(weights, make_module, n_features=X.shape[1], n_classes=1)
+        path = merge.save_merged(tmp_path / "binary.safetensors")
+        assert read_meta(path)["net"]["threshold"] == 0.5
+        net = load_merged(path, make_module, n_features=X.shape[1], n_classes=1)
         assert net.threshold == 0.5
         assert net.criterion_.pos_weight is None
         np.testing.assert_array_equal(net.predict_proba(X), merge.predict_proba(X))
@@ -245,38 +259,36 @@ class TestBinaryExport:
         "field, value, match",
         [
             ("threshold", None, r"net.threshold=None; expected a number, for a bin"),
-            ("threshold", "0.9", r"net.threshold='0.9'; expected a number"),
-            ("threshold", True, r"net.threshold=True; expected a number"),
+            ("threshold", "0.9", r"net.threshold='0.9'; expected a finite"),
+            ("threshold", True, r"net.threshold=True; expected a finite"),
             ("class", "NeuralNetClassifier", r"net.threshold=0.9; expected null"),
         ],
     )
-    def test_malformed_sidecar_refused(
+    def test_malformed_metadata_refused(
         self, weighted_strict_merge, tmp_path, field, value, match
     ):
-        weights, sidecar = weighted_strict_merge.save_merged(
-            tmp_path / "binary.safetensors"
-        )
-        meta = json.loads(sidecar.read_text())
+        path = weighted_strict_merge.save_merged(tmp_path / "binary.safetensors")
+        meta = read_meta(path)
         meta["net"][field] = value
-        sidecar.write_text(json.dumps(meta))
+        write_meta(path, meta)
         with pytest.raises(ValueError, match=match):
-            load_merged(weights, make_module, n_features=30, n_classes=1)
+            load_merged(path, make_module, n_features=30, n_classes=1)
 
     def test_classes_other_than_0_1_refused(self, weighted_strict_merge, tmp_path):
-        weights, sidecar = weighted_strict_merge.save_merged(
-            tmp_path / "binary.safetensors"
-        )
-        meta = json.loads(sidecar.read_text())
+        path = weighted_strict_merge.save_merged(tmp_path / "binary.safetensors")
+        meta = read_meta(path)
         meta["classes"] = [1, 0]
-        sidecar.write_text(json.dumps(meta))
+        write_meta(path, meta)
         with pytest.raises(ValueError, match=r"classes=\[1, 0\]; expected \[0, 1\]"):
-            load_merged(weights, make_module, n_features=30, n_classes=1)
+            load_merged(path, make_module, n_features=30, n_classes=1)
 
     def test_non_finite_threshold_refused_at_save(self, merge, tmp_path):
         broken = copy.copy(merge)
         broken.merged_net_ = copy.deepcopy(merge.merged_net_)
         broken.merged_net_.threshold = float("nan")
-        with pytest.raises(ValueError, match=r"as a finite number; .* is nan"):
+        with pytest.raises(
+            ValueError, match=r"it has net.threshold=nan; expected a finite number"
+        ):
             broken.save_merged(tmp_path / "binary.safetensors")
         assert list(tmp_path.iterdir()) == []
 

@@ -145,8 +145,8 @@ class TestTokens:
         np.testing.assert_array_equal(
             joblib.load(tmp_path / "merge.joblib").predict_proba(X), expected
         )
-        weights, _ = merge.save_merged(tmp_path / "merge.safetensors")
-        net = load_merged(weights, TokenClassifier)
+        path = merge.save_merged(tmp_path / "merge.safetensors")
+        net = load_merged(path, TokenClassifier)
         np.testing.assert_allclose(net.predict_proba(X), expected, rtol=1e-6)
 
     def test_survives_a_nan_member(self, token_members, tokens):

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).parent.parent / "sk_softmerge"
 LEAVES = {"_inputs", "_devices", "_nets"}
 """Modules below every subsystem: they import nothing of the package."""
 
-EXPORT = {"_export", "_sidecar"}
+EXPORT = {"_export"}
 
 ALLOWED = {
     "leaves": {"leaves"},

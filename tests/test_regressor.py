@@ -1,6 +1,7 @@
 """SoftMergeRegressor: API, targets, validation, bad input, sklearn, persistence."""
 
 import copy
+import json
 import pickle
 import warnings
 
@@ -8,6 +9,7 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+import safetensors
 import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -507,10 +509,12 @@ class TestPersistence:
 
     def test_save_and_load_merged(self, fitted, diabetes, tmp_path):
         X, _ = diabetes
-        weights, sidecar = fitted.save_merged(tmp_path / "merged.safetensors")
-        meta = sidecar.read_text()
-        assert '"classes": null' in meta and '"NeuralNetRegressor"' in meta
-        net = load_merged(weights, make_module, n_features=10, n_classes=1)
+        path = fitted.save_merged(tmp_path / "merged.safetensors")
+        with safetensors.safe_open(path, "pt") as file:
+            meta = json.loads(file.metadata()["sk_softmerge"])
+        assert meta["classes"] is None
+        assert meta["net"]["class"] == "NeuralNetRegressor"
+        net = load_merged(path, make_module, n_features=10, n_classes=1)
         assert type(net) is NeuralNetRegressor
         np.testing.assert_array_equal(net.predict(X)[:, 0], fitted.predict(X))
         assert type(net.criterion_) is torch.nn.MSELoss
