@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from skorch import NeuralNetClassifier
 
-from ._classifier import SoftMergeClassifier
+from ._softmerge import SoftMergeClassifier
 from .baselines import (
     BestMemberClassifier,
     GreedySoupClassifier,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from skorch import NeuralNetClassifier
 
-import sk_softmerge._estimator
+import sk_softmerge._softmerge
 from sk_softmerge import (
     SoftMergeClassifier,
     align_modules,
@@ -376,7 +376,7 @@ class TestEstimator:
         X, y = digits
         # From the average: a start from the best member alone hides what
         # alignment does.
-        monkeypatch.setattr(sk_softmerge._estimator, "choose_start", _average_start)
+        monkeypatch.setattr(sk_softmerge._softmerge, "choose_start", _average_start)
         before = [state_of(m.module_) for m in independent_members]
         params = dict(max_epochs=2, random_state=0, cv=None, validation_fraction=0)
         aligned = SoftMergeClassifier(independent_members, align=method, **params).fit(

@@ -6,7 +6,7 @@ import torch
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from sklearn.utils._param_validation import InvalidParameterError
 
-import sk_softmerge._estimator
+import sk_softmerge._softmerge
 from sk_softmerge import SoftMerge, SoftMergeClassifier, SoftMergeRegressor
 from sk_softmerge._core._training import GateTraining
 from sk_softmerge._crossfit import cross_fit, fold_summary
@@ -123,7 +123,7 @@ class TestNeverWorse:
         self, one_good_member, digits, monkeypatch
     ):
         X, y = digits
-        monkeypatch.setattr(sk_softmerge._estimator, "learn_gates", _opening_every_gate)
+        monkeypatch.setattr(sk_softmerge._softmerge, "learn_gates", _opening_every_gate)
         merge = SoftMergeClassifier(one_good_member, cv=3, **QUICK).fit(X, y)
         scores = merge.cv_results_["scores"]
         # Member 0 is the best fixed rule on every fold, and each fold started

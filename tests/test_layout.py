@@ -85,9 +85,9 @@ def test_imports_go_one_way(path):
 
 def test_every_module_has_a_subsystem_and_the_check_sees_imports():
     names = {name_of(path) for path in MODULES}
-    assert {"_core._merger", "_align._repair", "_export", "_estimator"} <= names
+    assert {"_core._merger", "_align._repair", "_export", "_softmerge"} <= names
     # The walk finds relative imports at every depth.
-    assert "_core._merger" in imported(PACKAGE / "_estimator.py")
+    assert "_core._merger" in imported(PACKAGE / "_softmerge.py")
     assert "_core._evaluation" in imported(PACKAGE / "_align" / "_activations.py")
     assert "_inputs" in imported(PACKAGE / "_core" / "_training.py")
 
@@ -95,7 +95,7 @@ def test_every_module_has_a_subsystem_and_the_check_sees_imports():
 def test_a_wrong_way_import_is_found(tmp_path, monkeypatch):
     fake = PACKAGE / "_core" / "_fake_for_test.py"
     monkeypatch.setattr(
-        Path, "read_text", lambda self: "from .._estimator import _SoftMergeBase\n"
+        Path, "read_text", lambda self: "from .._softmerge import _SoftMergeBase\n"
     )
-    assert imported(fake) == {"_estimator"}
-    assert subsystem("_estimator") not in ALLOWED[subsystem("_core._fake_for_test")]
+    assert imported(fake) == {"_softmerge"}
+    assert subsystem("_softmerge") not in ALLOWED[subsystem("_core._fake_for_test")]

@@ -46,7 +46,7 @@ class TestNamed:
         # Start from the member named "long" alone; the held-out check then
         # falls back to the greedy soup, whose warning names it.
         monkeypatch.setattr(
-            "sk_softmerge._estimator.choose_start",
+            "sk_softmerge._softmerge.choose_start",
             lambda candidates, errors: candidates[1 + NAMES.index("long")],
         )
         with pytest.warns(UserWarning, match="falling back to greedy soup"):

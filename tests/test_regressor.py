@@ -20,7 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from skorch import NeuralNetRegressor
 
-import sk_softmerge._estimator
+import sk_softmerge._softmerge
 from sk_softmerge import SoftMergeClassifier, SoftMergeRegressor, load_merged
 from sk_softmerge._tasks import regression_loss
 from sk_softmerge.baselines import (
@@ -194,7 +194,7 @@ class TestValidation:
     def test_falls_back_to_the_good_member_exactly(self, split, monkeypatch):
         X_train, X_test, y_train, _ = split
         # Started from the average, which is far worse than the good member.
-        monkeypatch.setattr(sk_softmerge._estimator, "choose_start", _average_start)
+        monkeypatch.setattr(sk_softmerge._softmerge, "choose_start", _average_start)
         good = forked_regressors(X_train, y_train[:, None], n_members=1, seed=2)[0]
         # Independently initialised, barely trained members: averaging them
         # with the good one cannot beat it.

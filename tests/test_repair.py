@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import sk_softmerge._estimator
+import sk_softmerge._softmerge
 from sk_softmerge import SoftMerge, SoftMergeClassifier, align_modules
 from sk_softmerge._align._activations import unit_moments
 from sk_softmerge._align._repair import member_moments, repair_of, repair_sites
@@ -239,7 +239,7 @@ class TestEstimator:
     ):
         X, y = digits
         # From the average: a start from one member alone needs no repair.
-        monkeypatch.setattr(sk_softmerge._estimator, "choose_start", lambda c, e: c[0])
+        monkeypatch.setattr(sk_softmerge._softmerge, "choose_start", lambda c, e: c[0])
         params = dict(
             align="activation_matching",
             max_epochs=1,

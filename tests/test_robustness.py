@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.model_selection import train_test_split
 
-import sk_softmerge._estimator
+import sk_softmerge._softmerge
 from sk_softmerge import SoftMergeClassifier
 
 from conftest import forked_members
@@ -107,7 +107,7 @@ class TestValidationFallback:
     def test_falls_back_to_best_member_exactly(self, good_and_weak, split, monkeypatch):
         X_train, X_test, y_train, _ = split
         # Started from the average, which is far worse than the good member.
-        monkeypatch.setattr(sk_softmerge._estimator, "choose_start", _average_start)
+        monkeypatch.setattr(sk_softmerge._softmerge, "choose_start", _average_start)
         members = good_and_weak
         good = members[1]
         merge = SoftMergeClassifier(members, max_epochs=1, lr=1e-6, random_state=0)

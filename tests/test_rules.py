@@ -5,7 +5,7 @@ import pytest
 import torch
 from skorch import NeuralNetRegressor
 
-import sk_softmerge._estimator
+import sk_softmerge._softmerge
 from sk_softmerge import SoftMergeRegressor
 from sk_softmerge._rules import Candidate, choose_start, fixed_rules, greedy_soup
 
@@ -108,7 +108,7 @@ class TestEstimator:
         self, two_halves_and_an_outsider, line, monkeypatch
     ):
         monkeypatch.setattr(
-            sk_softmerge._estimator, "choose_start", lambda rules, losses: rules[0]
+            sk_softmerge._softmerge, "choose_start", lambda rules, losses: rules[0]
         )
         merge = SoftMergeRegressor(
             two_halves_and_an_outsider, max_epochs=1, lr=1e-6, random_state=0
@@ -134,7 +134,7 @@ class TestRefit:
 
     def _recorded_fit(self, members, line, monkeypatch, **params):
         calls = []
-        learn_gates = sk_softmerge._estimator.learn_gates
+        learn_gates = sk_softmerge._softmerge.learn_gates
 
         def recording(merger, loss, X, y, **kwargs):
             samples = kwargs.get("samples")
@@ -142,7 +142,7 @@ class TestRefit:
             calls.append((n, kwargs["max_epochs"], merger.gates().detach()))
             return learn_gates(merger, loss, X, y, **kwargs)
 
-        monkeypatch.setattr(sk_softmerge._estimator, "learn_gates", recording)
+        monkeypatch.setattr(sk_softmerge._softmerge, "learn_gates", recording)
         params = {"cv": None, **params}
         merge = SoftMergeRegressor(
             members, max_epochs=10, lr=0.2, batch_size=32, random_state=0, **params
