@@ -125,11 +125,13 @@ class _SoftMergeBase(BaseEstimator):
 
         The steps: check the members and leave out broken ones; build the
         merger and screen extreme weights; score the fixed rules (uniform
-        average, each member, greedy soup) on the held-out part and start the
-        gates from the best; learn the gates, keeping the epoch that beats the
-        start significantly on the held-out part, if any; check the result
-        against every fixed rule; relearn those gates on all of ``(X, y)``;
-        build the merged net.
+        average, each member, greedy soup) once on every sample; on every fold
+        of ``cv``, start the gates from the best rule of the other folds, learn
+        them there and score every epoch on the fold left out; keep the epoch
+        that beats the start significantly out of fold, if any, and check that
+        merge against every fixed rule out of fold; learn the final gates on
+        all of ``(X, y)``; build the merged net. With ``cv=None``, the start,
+        the epoch and the check are decided on a held-out part instead.
 
         Parameters
         ----------
@@ -144,9 +146,9 @@ class _SoftMergeBase(BaseEstimator):
             classifier; one value per output of the members for a regressor.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weight of every sample: it multiplies the sample's
-            task loss while the gates learn, and its errors on the held-out
-            part (the start, the epoch kept, the check against the fixed
-            rules). Samples of weight zero are left out, as if absent.
+            task loss while the gates learn, and its out-of-fold (or held-out)
+            errors and losses (the start, the epochs kept, the check against
+            the fixed rules). Samples of weight zero are left out, as if absent.
             Batch-norm and REPAIR statistics are not weighted.
 
         Returns
