@@ -603,9 +603,10 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         Gates that started closed because the member's weights on that unit lie
         far from every other member's (see Notes).
     loss_curve_ : list of float
-        Mean training objective per epoch, over the steps that were not
-        skipped (see ``n_skipped_steps_``); ``nan`` for an epoch whose every
-        step was skipped.
+        Mean training objective per epoch of the final learning of the gates
+        (on all the data with ``cv``), over the steps that were not skipped
+        (see ``n_skipped_steps_``); ``nan`` for an epoch whose every step was
+        skipped.
     validation_loss_curve_ : list of float
         Task loss of the merge before learning and after every epoch: pooled
         out of fold with ``cv``, on the held-out part with ``cv=None``; empty
@@ -632,7 +633,7 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         Steps of gate learning skipped because their loss or gradient was not
         finite (a sampled merge that overflows, such as an extreme member's
         gate drawn open); they changed neither the gates nor the state of the
-        optimiser. Counted over the epochs of ``loss_curve_``.
+        optimiser. Counted over every fold and the final learning.
 
     See Also
     --------
@@ -894,9 +895,10 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         Gates that started closed because the member's weights on that unit lie
         far from every other member's.
     loss_curve_ : list of float
-        Mean training objective per epoch, over the steps that were not
-        skipped (see ``n_skipped_steps_``); ``nan`` for an epoch whose every
-        step was skipped.
+        Mean training objective per epoch of the final learning of the gates
+        (on all the data with ``cv``), over the steps that were not skipped
+        (see ``n_skipped_steps_``); ``nan`` for an epoch whose every step was
+        skipped.
     validation_loss_curve_ : list of float
         Task loss of the merge before learning and after every epoch: pooled
         out of fold with ``cv``, on the held-out part with ``cv=None``; empty
@@ -923,7 +925,7 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         Steps of gate learning skipped because their loss or gradient was not
         finite (a sampled merge that overflows, such as an extreme member's
         gate drawn open); they changed neither the gates nor the state of the
-        optimiser. Counted over the epochs of ``loss_curve_``.
+        optimiser. Counted over every fold and the final learning.
 
     See Also
     --------
