@@ -8,11 +8,12 @@ fold left out. Each sample is then scored once by a merge that did not learn
 from it: the pooled out-of-fold losses choose the number of epochs, and the
 pooled out-of-fold errors tell whether the learned merge beats the best fixed
 rule, on all the samples rather than on a held-out fifth. The final gates then
-learn on every sample, by the same procedure, for the chosen number of epochs.
+learn on every sample, by the same procedure, for as many steps as the folds'
+gates took in the chosen number of epochs.
 
 This is sound for the same reason as cross-validated model selection: what is
 checked is the procedure, not one set of gates, and the final gates come from
-that procedure on a little more data (one fold more) than each check saw.
+that procedure on more data (one fold more) than each check saw.
 """
 
 from collections.abc import Callable, Sequence
@@ -135,8 +136,8 @@ def cross_fit(
 
     Examples
     --------
-    See :class:`~sk_softmerge.SoftMergeClassifier` with ``cv=5``, which
-    builds every argument from its members and data.
+    See :class:`~sk_softmerge.SoftMergeClassifier` (its ``cv`` parameter),
+    which builds every argument from its members and data.
     """
     folds, n_skipped = [], 0
     for train, test in splits:
@@ -154,11 +155,12 @@ def cross_fit(
         record(0)
         n_skipped += learn(train, max_epochs, record).n_skipped_steps
         folds.append(fold)
-    curve = [
-        _mean(pooled([fold.losses[epoch] for fold in folds]))
+    losses = [
+        pooled([fold.losses[epoch] for fold in folds])
         for epoch in range(max_epochs + 1)
     ]
-    best = _best_epoch(folds, curve)
+    curve = [_mean(epoch_losses) for epoch_losses in losses]
+    best = _best_epoch(losses, curve)
     learned = [
         merge_errors(deterministic_z(fold.log_alphas[best]), fold.test)
         for fold in folds
@@ -175,17 +177,14 @@ def cross_fit(
     return CrossFit(best, curve, errors, folds, n_skipped)
 
 
-def _best_epoch(folds, curve) -> int:
-    """The epoch of lowest pooled loss, if its per-sample losses beat the
-    start's significantly; else 0."""
+def _best_epoch(losses, curve) -> int:
+    """The epoch of lowest pooled loss (``curve``), if its per-sample
+    ``losses`` beat the start's significantly; else 0."""
     best = int(np.argmin(curve))
     if best == 0:
         return 0
-    losses = {
-        "start": pooled([fold.losses[0] for fold in folds]),
-        "trained": pooled([fold.losses[best] for fold in folds]),
-    }
-    return best if choose_lowest_loss(losses, "start") == "trained" else 0
+    pair = {"start": losses[0], "trained": losses[best]}
+    return best if choose_lowest_loss(pair, "start") == "trained" else 0
 
 
 def pooled(parts: list[np.ndarray | None]) -> np.ndarray | None:

@@ -3,9 +3,9 @@
 A *candidate* is a fixed rule expressed as gates: the uniform average (every
 gate open), one member alone (its gates open, all others closed), or a greedy
 soup (the gates of its ingredients open). Gate learning starts from the best
-candidate on held-out data, and the learned merge is checked against all of
-them, so that a fit never returns less than the best fixed rule by more than
-the noise of that data.
+candidate, and the learned merge is checked against all of them on data the
+gates did not learn on (out of fold, or a held-out part), so that a fit never
+returns less than the best fixed rule by more than the noise of that data.
 """
 
 from collections.abc import Callable, Sequence
