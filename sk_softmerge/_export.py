@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import inspect
-import itertools
 import json
 import math
 import os
@@ -29,8 +28,7 @@ from sklearn.utils.validation import check_is_fitted
 from skorch import NeuralNetBinaryClassifier, NeuralNetClassifier, NeuralNetRegressor
 
 from ._devices import resolve_device
-from ._inputs import takes_integers
-from ._nets import module_dtype
+from ._nets import dry_run
 
 FORMAT = "sk_softmerge.merged-net"  # the metadata's "format" field
 FORMAT_VERSION = 3  # written by save_merged, and the only one load_merged reads
@@ -251,62 +249,17 @@ _VALUE_CHECKS = {
 
 
 def save_merged(estimator, path: str | os.PathLike) -> Path:
-    """Write a fitted merge's net to ``path``, one safetensors file, without pickle.
+    """Write the net of the fitted merge ``estimator`` to ``path``, a
+    ``.safetensors`` file, and return its :class:`~pathlib.Path`: the public
+    ``SoftMergeClassifier.save_merged`` (documented there) and its regressor's.
 
-    Its tensors are the merged module's ``state_dict`` and the criterion's tensor
-    arguments (named ``".criterion." + argument``); its header metadata holds,
-    under ``"sk_softmerge"``, one JSON document of the :class:`Metadata` fields
-    that :func:`load_merged` checks. It is written to a temporary file in the
-    same folder, then moved into place: a failed save keeps an earlier file.
-
-    Parameters
-    ----------
-    estimator : SoftMergeClassifier or SoftMergeRegressor
-        A fitted merge: a skorch classifier (integer or string classes) or
-        regressor with a ``torch.nn`` criterion whose ``criterion__`` arguments
-        are numbers, strings, booleans, ``None`` or tensors.
-    path : str or path-like
-        Where to write; must end in ``.safetensors``. An existing file is replaced.
-
-    Returns
-    -------
-    path : pathlib.Path
-        The one file written.
-
-    Raises
-    ------
-    ValueError
-        If the path does not end in ``.safetensors``, or the merge holds what the
-        format cannot represent (named in the message).
-
-    Examples
-    --------
-    >>> import json, tempfile
-    >>> from pathlib import Path
-    >>> import numpy as np, safetensors, torch
-    >>> from sklearn.datasets import load_iris
-    >>> from skorch import NeuralNetClassifier
-    >>> from sk_softmerge import SoftMergeClassifier
-    >>> from sk_softmerge._export import load_merged, save_merged
-    >>> X, y = load_iris(return_X_y=True)
-    >>> X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
-    >>> members = [NeuralNetClassifier(
-    ...     torch.nn.Linear, module__in_features=4, module__out_features=3,
-    ...     criterion=torch.nn.CrossEntropyLoss, max_epochs=5, lr=0.1,
-    ...     verbose=0).fit(X, y) for _ in range(2)]
-    >>> merge = SoftMergeClassifier(members, max_epochs=2, random_state=0).fit(X, y)
-    >>> with tempfile.TemporaryDirectory() as folder:
-    ...     path = save_merged(merge, Path(folder) / "merged.safetensors")
-    ...     with safetensors.safe_open(path, "pt") as file:
-    ...         meta = json.loads(file.metadata()["sk_softmerge"])
-    ...     written = [p.name for p in Path(folder).iterdir()]
-    ...     net = load_merged(path, torch.nn.Linear, in_features=4, out_features=3)
-    >>> written, meta["format_version"], meta["classes"], meta["input_shape"]
-    (['merged.safetensors'], 3, [0, 1, 2], [4])
-    >>> meta["net"]["criterion"], meta["tensors"]["weight"]
-    ('CrossEntropyLoss', {'dtype': 'float32', 'shape': [3, 4]})
-    >>> np.array_equal(net.predict_proba(X), merge.predict_proba(X))
-    True
+    The file holds the merged module's ``state_dict``, the criterion's tensor
+    arguments (named ``".criterion." + argument``) and, in the header metadata
+    under ``"sk_softmerge"``, the JSON document of :class:`Metadata` fields
+    that :func:`load_merged` checks. What the format cannot represent is
+    refused (a ValueError naming it) before anything is written; the file is
+    written beside ``path``, then moved into place, so a failed save keeps an
+    earlier file.
     """
     path = _checked_path(path)
     check_is_fitted(estimator, "merged_net_")
@@ -322,7 +275,7 @@ def save_merged(estimator, path: str | os.PathLike) -> Path:
     module = getattr(net.module_, "_orig_mod", net.module_)
     n_features = int(estimator.n_features_in_)
     try:
-        _dry_run(module, [n_features])
+        dry_run(module, [n_features])
         input_shape = [n_features]
     except Exception:  # any failure: the module takes inputs of another shape
         input_shape = None
@@ -408,7 +361,31 @@ def load_merged(
 
     See Also
     --------
-    save_merged : Write the file; its example loads it back.
+    SoftMergeClassifier.save_merged : Write the file.
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np, safetensors, torch
+    >>> from sklearn.datasets import load_iris
+    >>> from skorch import NeuralNetClassifier
+    >>> from sk_softmerge import SoftMergeClassifier, load_merged
+    >>> X, y = load_iris(return_X_y=True)
+    >>> X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
+    >>> members = [NeuralNetClassifier(torch.nn.Linear, module__in_features=4,
+    ...     module__out_features=3, criterion=torch.nn.CrossEntropyLoss,
+    ...     max_epochs=5, lr=0.1, verbose=0).fit(X, y) for _ in range(2)]
+    >>> merge = SoftMergeClassifier(members, max_epochs=2, random_state=0).fit(X, y)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = merge.save_merged(Path(folder) / "merged.safetensors")
+    ...     with safetensors.safe_open(path, "pt") as file:
+    ...         meta = json.loads(file.metadata()["sk_softmerge"])
+    ...     net = load_merged(path, torch.nn.Linear, in_features=4, out_features=3)
+    >>> meta["format_version"], meta["classes"], meta["tensors"]["weight"]
+    (3, [0, 1, 2], {'dtype': 'float32', 'shape': [3, 4]})
+    >>> np.array_equal(net.predict_proba(X), merge.predict_proba(X))
+    True
     """
     path = _checked_path(path)
     if isinstance(module, torch.nn.Module):
@@ -419,22 +396,9 @@ def load_merged(
         )
     resolved_device = resolve_device(device)
     meta, tensors = _read(path)
-    arguments = {
-        name.removeprefix(CRITERION_PREFIX): tensors.pop(name)
-        for name in list(tensors)
-        if name.startswith(CRITERION_PREFIX)
-    }
-    values, loss = meta.net.criterion_arguments, getattr(torch.nn, meta.net.criterion)
-    try:
-        loss(**values, **arguments)
-    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
-        raise ValueError(
-            f"The file {str(path)!r} has net.criterion_arguments={values!r} and "
-            f"tensors {sorted(arguments)}, which do not build a torch.nn."
-            f"{loss.__name__}: {exc}"
-        ) from exc
+    loss, arguments = _criterion(meta, tensors, path)
     params = {f"module__{key}": value for key, value in module_kwargs.items()}
-    params |= {f"criterion__{k}": v for k, v in (values | arguments).items()}
+    params |= {f"criterion__{key}": value for key, value in arguments.items()}
     if meta.net.class_ == NeuralNetClassifier.__name__:
         params["classes"] = meta.classes
     if meta.net.threshold is not None:
@@ -457,7 +421,7 @@ def load_merged(
     net.module_.load_state_dict(tensors)
     try:
         if meta.input_shape is not None:
-            _dry_run(net.module_, meta.input_shape)
+            dry_run(net.module_, meta.input_shape)
     except Exception as exc:  # any failure: the module takes other inputs
         raise ValueError(
             f"{where} does not take the inputs that the merge was fitted on: the file "
@@ -465,6 +429,26 @@ def load_merged(
             f"of zeros of shape {(2, *meta.input_shape)} failed: {exc}"
         ) from exc
     return net
+
+
+def _criterion(meta: Metadata, tensors: dict, path: Path) -> tuple[type, dict]:
+    """The loss class and all its arguments; the criterion's tensors are
+    popped from ``tensors``. Raise if they do not build the loss."""
+    arguments = {
+        name.removeprefix(CRITERION_PREFIX): tensors.pop(name)
+        for name in list(tensors)
+        if name.startswith(CRITERION_PREFIX)
+    }
+    values, loss = meta.net.criterion_arguments, getattr(torch.nn, meta.net.criterion)
+    try:
+        loss(**values, **arguments)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise ValueError(
+            f"The file {str(path)!r} has net.criterion_arguments={values!r} and "
+            f"tensors {sorted(arguments)}, which do not build a torch.nn."
+            f"{loss.__name__}: {exc}"
+        ) from exc
+    return loss, values | arguments
 
 
 def _checked_path(path) -> Path:
@@ -602,22 +586,6 @@ def _same(value, other) -> bool:
         return value is other
 
 
-def _dry_run(module: torch.nn.Module, shape) -> None:
-    """Run ``module`` on zeros of shape ``(2, *shape)`` of its input dtype, on its
-    device, in eval mode, without gradients, keeping modes and the random state."""
-    dtype = torch.int64 if takes_integers(module) else module_dtype(module)
-    tensors = itertools.chain(module.parameters(), module.buffers())
-    device = next(tensors, torch.empty(0)).device
-    modes = [(submodule, submodule.training) for submodule in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            module(torch.zeros((2, *shape), dtype=dtype, device=device))
-    finally:
-        for submodule, training in modes:
-            submodule.training = training
-
-
 def _specs(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
     """The dtype and shape of each tensor, as the metadata records them."""
     return {
@@ -631,19 +599,19 @@ def _check_same(found: dict, expected: dict, subject: str, holder: str) -> None:
     by ``holder`` (the metadata or the module), both as :func:`_specs` gives."""
     # Sorted: safetensors does not keep the order in which tensors were saved.
     missing, extra = sorted(expected.keys() - found), sorted(found.keys() - expected)
-    differences = [f"the file is missing tensors {missing} that {holder} has"] * (
-        len(missing) > 0
-    ) + [f"the file has extra tensors {extra} that {holder} lacks"] * (len(extra) > 0)
-    for name in sorted(expected.keys() & found.keys()):
-        for key, show in (("shape", tuple), ("dtype", str)):  # a shape as (16, 64)
-            if found[name][key] != expected[name][key]:
-                differences.append(
-                    f"{name!r} has {key} {show(found[name][key])} in the file, but "
-                    f"{show(expected[name][key])} in {holder}"
-                )
+    differences = [f"the file is missing tensors {missing} that {holder} has"] * bool(
+        missing
+    ) + [f"the file has extra tensors {extra} that {holder} lacks"] * bool(extra)
+    differences += [
+        f"{name!r} has {key} {show(found[name][key])} in the file, but "
+        f"{show(expected[name][key])} in {holder}"
+        for name in sorted(expected.keys() & found.keys())
+        for key, show in (("shape", tuple), ("dtype", str))  # a shape as (16, 64)
+        if found[name][key] != expected[name][key]
+    ]
     if differences:
         raise ValueError(
-            f"{subject} does not match the file: {'; '.join(differences)}."
+            f"{subject} does not match the file: " + "; ".join(differences) + "."
         )
 
 

@@ -1,8 +1,12 @@
-"""Building the skorch net that holds a merge's weights."""
+"""Building the skorch net that holds a merge's weights, and probing its module."""
+
+import itertools
 
 import torch
 from sklearn.base import clone
 from skorch import NeuralNet
+
+from ._inputs import takes_integers
 
 
 def build_merged_net(reference: NeuralNet, state_dict: dict, classes=None) -> NeuralNet:
@@ -63,3 +67,37 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
+
+
+def dry_run(module: torch.nn.Module, shape) -> None:
+    """Run ``module`` on zeros of shape ``(2, *shape)``; raise what it raises.
+
+    The zeros have the module's input dtype (int64 for a module that takes
+    integers, else :func:`module_dtype`) and device. It runs in eval mode,
+    without gradients; the modes of its submodules and the random state are
+    kept.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._nets import dry_run
+    >>> module = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Dropout())
+    >>> dry_run(module, [4])
+    >>> module.training
+    True
+    >>> dry_run(module, [3])
+    Traceback (most recent call last):
+    ...
+    RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x3 and 4x2)
+    """
+    dtype = torch.int64 if takes_integers(module) else module_dtype(module)
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    device = next(tensors, torch.empty(0)).device
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            module(torch.zeros((2, *shape), dtype=dtype, device=device))
+    finally:
+        for submodule, training in modes:
+            submodule.training = training

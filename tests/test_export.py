@@ -29,8 +29,8 @@ from sk_softmerge._export import (
     FORMAT_VERSION,
     METADATA_KEY,
     _digest,
-    _dry_run,
 )
+from sk_softmerge._nets import dry_run
 
 from conftest import fork, forked_members, make_module
 
@@ -766,11 +766,11 @@ class TestInputShape:
         module[2].eval()  # modes that differ between submodules are kept
         before = copy.deepcopy(module.state_dict())
         rng_state = torch.random.get_rng_state()
-        _dry_run(module, [4])
+        dry_run(module, [4])
         assert [m.training for m in module.modules()] == [True, True, True, False]
         for name, tensor in module.state_dict().items():
             assert torch.equal(tensor, before[name]), name
         assert torch.equal(torch.random.get_rng_state(), rng_state)
         with pytest.raises(RuntimeError):
-            _dry_run(module, [5])
+            dry_run(module, [5])
         assert [m.training for m in module.modules()] == [True, True, True, False]

@@ -8,7 +8,8 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "sk_softmerge"
 
 LEAVES = {"_inputs", "_devices", "_nets"}
-"""Modules below every subsystem: they import nothing of the package."""
+"""Modules below every subsystem: they import nothing of the package but
+each other."""
 
 EXPORT = {"_export"}
 

@@ -152,34 +152,15 @@ def learn_gates(
     n_samples = X.shape[0] if samples is None else samples.shape[0]
     held_out = None
     if validation is not None:
-        held_out = _HeldOut(
-            merger,
-            loss_fn,
-            validation,
-            EVALUATION_BATCHES * batch_size,
-            n_iter_no_change,
-        )
+        held_out = _HeldOut(merger, loss_fn, validation, batch_size, n_iter_no_change)
     step = _Step(merger, loss_fn, Adam(log_alpha, lr), l0_weight)
     batch_sizes = _batch_sizes(n_samples, batch_size, X.device)
-    steps_per_chunk = _steps_per_chunk(X, batch_size, log_alpha.numel())
-    result = GateTraining()
-    epochs = tqdm(
-        range(1, max_epochs + 1),
-        desc="learning gates",
-        unit="epoch",
-        disable=verbose <= 0,
-    )
+    chunk = _steps_per_chunk(X, batch_size, log_alpha.numel()) * batch_size
+    data, result = (X, y, sample_weight, samples), GateTraining()
+    epochs = range(1, max_epochs + 1)
+    epochs = tqdm(epochs, "learning gates", unit="epoch", disable=verbose <= 0)
     for epoch in epochs:
-        batches = _shuffled_batches(
-            X,
-            y,
-            sample_weight,
-            log_alpha,
-            batch_size,
-            steps_per_chunk,
-            generator,
-            samples,
-        )
+        batches = _shuffled_batches(data, log_alpha, batch_size, chunk, generator)
         mean_loss, n_skipped = step.epoch(batches, batch_sizes)
         result.loss_curve.append(mean_loss)
         result.n_skipped_steps += n_skipped
@@ -191,9 +172,8 @@ def learn_gates(
             epochs.set_postfix(_progress(merger, mean_loss, held_out))
         if held_out is not None and held_out.patience_spent(epoch):
             break
-    if held_out is None:
-        result.best_epoch = len(result.loss_curve)
-    else:
+    result.best_epoch = len(result.loss_curve)
+    if held_out is not None:
         result.best_epoch = held_out.keep_best()
         result.validation_loss_curve = held_out.curve
     return result
@@ -262,7 +242,8 @@ class _HeldOut:
     def __init__(self, merger, loss_fn, validation, batch_size, n_iter_no_change):
         self.merger, self.loss_fn = merger, loss_fn
         self.data = validation if len(validation) == 3 else (*validation, None)
-        self.batch_size, self.n_iter_no_change = batch_size, n_iter_no_change
+        self.batch_size = EVALUATION_BATCHES * batch_size
+        self.n_iter_no_change = n_iter_no_change
         self.start = merger.log_alpha.detach().clone()
         self.best = self.start.clone()
         self.best_epoch = 0
@@ -329,22 +310,22 @@ def _steps_per_chunk(X, batch_size: int, n_gates: int) -> int:
     return max(1, STEP_CHUNK_ELEMENTS // per_step)
 
 
-def _shuffled_batches(
-    X, y, w, log_alpha, batch_size, steps_per_chunk, generator, samples=None
-):
-    """One epoch's ``(X, y, w, noise)`` per step: the samples (those at
-    ``samples`` when given) in a random order, ``w`` ``None`` when ``w`` is,
-    and logistic noise of ``log_alpha``'s shape.
+def _shuffled_batches(data, log_alpha, batch_size, chunk_size, generator):
+    """One epoch's ``(X, y, w, noise)`` per step, of ``data = (X, y, w,
+    samples)``: the samples (those at ``samples`` when given) in a random
+    order, ``w`` ``None`` when ``w`` is, and logistic noise of ``log_alpha``'s
+    shape.
 
-    A chunk of ``steps_per_chunk`` steps is gathered, and its noise drawn, in
-    one call each, so that batches are views; the draws follow one another
-    from ``generator`` as if the whole epoch's were drawn at once.
+    A chunk of ``chunk_size`` samples (whole steps) is gathered, and its noise
+    drawn, in one call each, so that batches are views; the draws follow one
+    another from ``generator`` as if the whole epoch's were drawn at once.
     """
+    X, y, w, samples = data
     n_samples = X.shape[0] if samples is None else samples.shape[0]
     order = torch.randperm(n_samples, generator=generator, device=X.device)
     if samples is not None:
         order = samples[order]
-    for chunk in order.split(steps_per_chunk * batch_size):
+    for chunk in order.split(chunk_size):
         n_steps = -(-chunk.shape[0] // batch_size)
         noise = logistic_noise(
             (n_steps, *log_alpha.shape),
