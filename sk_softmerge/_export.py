@@ -81,8 +81,8 @@ class Metadata:
     classes: list[int] | list[str] | None  # None for a regressor
     n_features_in: int
     input_shape: list[int] | None  # [n_features_in], or None: not known
-    unit_names: list[str]
-    gates: list[list[float]]  # one row per member, one gate per unit name
+    unit_names: list[str]  # empty for a baseline's merge
+    gates: list[list[float]]  # one row per member, one gate per unit name, or []
 
     @classmethod
     def parse(cls, raw, where: str) -> "Metadata":
@@ -238,12 +238,13 @@ _VALUE_CHECKS = {
         "(n_features_in)"
     ),
     "gates": lambda v, m: (
-        (
+        (v == [] == m.unit_names)  # a baseline's merge
+        or (
             (len(v) >= 2 and all(len(row) == len(m.unit_names) for row in v))
             and all(0 <= gate <= 1 for row in v for gate in row)
         )
         or f"one row per member (at least 2) of {len(m.unit_names)} values in "
-        "[0, 1], one per unit name"
+        "[0, 1], one per unit name (none for a merge without gates)"
     ),
 }
 
@@ -293,8 +294,9 @@ def save_merged(estimator, path: str | os.PathLike) -> Path:
         "classes": None if regressor else np.asarray(estimator.classes_).tolist(),
         "n_features_in": n_features,
         "input_shape": input_shape,
-        "unit_names": [str(name) for name in estimator.unit_names_],
-        "gates": np.asarray(estimator.gates_).tolist(),
+        # A baseline's merge has no gates: no unit names, no rows.
+        "unit_names": [str(name) for name in getattr(estimator, "unit_names_", [])],
+        "gates": np.asarray(getattr(estimator, "gates_", [])).tolist(),
     }
     # What load_merged would refuse is refused here, before anything is written.
     Metadata.parse(document, "save_merged cannot store this merge: it")

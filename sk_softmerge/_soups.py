@@ -1,7 +1,8 @@
-"""The fits of the baselines: best member, uniform and greedy soups, ensemble.
+"""The fits of the baselines: best member, uniform and greedy soups, ensemble,
+and the data-aware merges: RegMean, Fisher merging, the learned soup.
 
 The public classes of :mod:`sk_softmerge.baselines` put a task mixin before
-these; each implements ``_build(task, nets, template, score, X)``.
+these; each implements ``_build(fit)``, ``fit`` a :class:`FitData`.
 
 A soup's batch-norm running statistics are recomputed on the ``fit`` data, as
 :class:`~sk_softmerge.SoftMergeClassifier` does for its merge: the first
@@ -10,18 +11,83 @@ candidate soup that way too, so that it chooses among the nets it would return.
 """
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._base import weighted_samples
+from ._core._average import merged_state
+from ._core._batchnorm import has_batchnorm, recompute_batchnorm_statistics
 from ._core._evaluation import member_forward, state_forward, weighted
+from ._core._fisher import diagonal_fisher, fisher_parameters
+from ._core._learned_soup import learn_soup, soup_parameters
 from ._core._merger import SoftMerge
+from ._core._regmean import regmean_parameters
+from ._export import save_merged
 from ._inputs import check_forward, to_device
 from ._rules import greedy_soup
-from ._tasks import prediction_function
+from ._tasks import Task, prediction_function
+
+
+@dataclass
+class FitData:
+    """What a baseline's ``_build`` gets from :meth:`SoupBase.fit`.
+
+    Attributes
+    ----------
+    task : Task
+    nets : list of skorch nets
+        The members, unwrapped; never run or changed.
+    template : torch.nn.Module
+        A copy of the first member's module, in eval mode.
+    score : callable
+        ``score(forward)``: the (weighted) score of a forward function on the
+        fit data, as the estimator's ``score`` would give.
+    X : torch.Tensor or InputDict
+        The fit inputs, on the members' device.
+    y : torch.Tensor
+        The targets (class indices for classifiers), on that device.
+    weights : torch.Tensor of shape (n_samples,) or None
+        The samples' weights, of mean 1; ``None`` without ``sample_weight``.
+    """
+
+    task: Task
+    nets: list
+    template: torch.nn.Module
+    score: Callable
+    X: object
+    y: torch.Tensor
+    weights: torch.Tensor | None
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [net.module_ for net in self.nets]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.template.parameters()).device
+
+    def loss_function(self):
+        """The members' task loss on the device."""
+        return self.task.loss_function(self.nets[0], self.device)
+
+    def net_of(self, parameters: dict[str, torch.Tensor]):
+        """A net of the first member's class whose module holds the float64
+        ``parameters`` and the first member's buffers, batch-norm statistics
+        recomputed on ``X``."""
+        state = merged_state(self.modules, parameters)
+        if has_batchnorm(self.template):
+            state = recompute_batchnorm_statistics(
+                self.template, self.X, state_dict=state
+            ).state_dict()
+        return self.task.build_net(self.nets[0], state)
 
 
 class SoupBase(BaseEstimator):
@@ -83,7 +149,9 @@ class SoupBase(BaseEstimator):
         def score(forward):
             return task.score(errors(forward))
 
-        self._build(task, nets, template, score, X)
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        self._build(FitData(task, nets, template, score, X, y, weights))
         return self
 
     @staticmethod
@@ -103,35 +171,174 @@ class SoupBase(BaseEstimator):
         return task.build_net(nets[ingredients[0]], state)
 
 
-class BestMember(SoupBase):
-    def _build(self, task, nets, template, score, X):
-        self.scores_ = np.array(
-            [score(member_forward(template, net.module_)) for net in nets]
-        )
+class MergedNetMixin:
+    """``save_merged`` for a baseline that predicts with one net."""
+
+    def save_merged(self, path):
+        """Write the merged net to ``path`` with safetensors, without pickle.
+
+        The file is as :meth:`sk_softmerge.SoftMergeClassifier.save_merged`
+        writes it, with no gates; :func:`sk_softmerge.load_merged` rebuilds
+        the net.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Where to write; must end in ``.safetensors``.
+
+        Returns
+        -------
+        path : pathlib.Path
+            The one file written.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np, torch
+        >>> from skorch import NeuralNetClassifier
+        >>> from sk_softmerge import load_merged
+        >>> from sk_softmerge.baselines import UniformSoupClassifier
+        >>> X = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+        >>> y = (X[:, 0] > 0).astype(np.int64)
+        >>> nets = [NeuralNetClassifier(torch.nn.Linear, module__in_features=2,
+        ...     module__out_features=2, criterion=torch.nn.CrossEntropyLoss,
+        ...     max_epochs=5, train_split=None, verbose=0).fit(X, y)
+        ...     for _ in range(2)]
+        >>> soup = UniformSoupClassifier(nets).fit(X, y)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = soup.save_merged(Path(folder) / "soup.safetensors")
+        ...     net = load_merged(path, torch.nn.Linear, in_features=2,
+        ...                       out_features=2)
+        >>> np.array_equal(net.predict_proba(X), soup.predict_proba(X))
+        True
+        """
+        return save_merged(self, path)
+
+
+class BestMember(MergedNetMixin, SoupBase):
+    def _build(self, fit):
+        self.scores_ = np.array(list(map(fit.score, self._member_forwards(fit))))
         self.best_index_ = int(np.argmax(self.scores_))
-        best = nets[self.best_index_]
-        self.merged_net_ = task.build_net(best, best.module_.state_dict())
+        best = fit.nets[self.best_index_]
+        self.merged_net_ = fit.task.build_net(best, best.module_.state_dict())
+
+    @staticmethod
+    def _member_forwards(fit):
+        return [member_forward(fit.template, module) for module in fit.modules]
 
 
-class UniformSoup(SoupBase):
-    def _build(self, task, nets, template, score, X):
-        self.merged_net_ = self._soup(task, nets, list(range(len(nets))), X)
+class UniformSoup(MergedNetMixin, SoupBase):
+    def _build(self, fit):
+        self.merged_net_ = self._soup(
+            fit.task, fit.nets, list(range(len(fit.nets))), fit.X
+        )
 
 
-class GreedySoup(SoupBase):
-    def _build(self, task, nets, template, score, X):
+class GreedySoup(MergedNetMixin, SoupBase):
+    def _build(self, fit):
         def soup_score(ingredients):
             # As the soup would predict: the plain net in eval mode, with the
             # batch-norm statistics recomputed on X that merged_net_ gets.
-            return score(
-                state_forward(template, self._soup_state(nets, ingredients, X))
-            )
+            state = self._soup_state(fit.nets, ingredients, fit.X)
+            return fit.score(state_forward(fit.template, state))
 
-        member_scores = [score(member_forward(template, net.module_)) for net in nets]
+        member_scores = list(map(fit.score, BestMember._member_forwards(fit)))
         self.ingredients_, self.score_ = greedy_soup(member_scores, soup_score)
-        self.merged_net_ = self._soup(task, nets, self.ingredients_, X)
+        self.merged_net_ = self._soup(fit.task, fit.nets, self.ingredients_, fit.X)
 
 
 class OutputEnsemble(SoupBase):
-    def _build(self, task, nets, template, score, X):
-        self.estimators_ = [copy.deepcopy(net) for net in nets]
+    def _build(self, fit):
+        self.estimators_ = [copy.deepcopy(net) for net in fit.nets]
+
+
+class RegMean(MergedNetMixin, SoupBase):
+    _parameter_constraints: dict = {
+        **SoupBase._parameter_constraints,
+        "alpha": [Interval(Real, 0, 1, closed="both")],
+    }
+
+    def __init__(self, estimators, *, alpha=0.9):
+        super().__init__(estimators)
+        self.alpha = alpha
+
+    def _build(self, fit):
+        parameters, self.solved_layers_ = regmean_parameters(
+            fit.modules, fit.X, alpha=self.alpha, sample_weight=fit.weights
+        )
+        self.merged_net_ = fit.net_of(parameters)
+
+
+class FisherMerge(MergedNetMixin, SoupBase):
+    _parameter_constraints: dict = {
+        **SoupBase._parameter_constraints,
+        "fisher": [StrOptions({"sampled", "empirical"})],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(self, estimators, *, fisher="sampled", random_state=None):
+        super().__init__(estimators)
+        self.fisher = fisher
+        self.random_state = random_state
+
+    def _build(self, fit):
+        seed = check_random_state(self.random_state).randint(2**31)
+        generator = torch.Generator(fit.device).manual_seed(int(seed))
+        loss = fit.loss_function()
+        fishers = []
+        for net in fit.nets:
+            targets = fit.y
+            if self.fisher == "sampled":
+                predict = prediction_function(net)
+                targets = partial(
+                    fit.task.draw_targets, predict=predict, generator=generator
+                )
+            state = {k: v.detach() for k, v in net.module_.state_dict().items()}
+            fishers.append(
+                diagonal_fisher(fit.template, state, loss, fit.X, targets, fit.weights)
+            )
+        self.merged_net_ = fit.net_of(fisher_parameters(fit.modules, fishers))
+
+
+class LearnedSoup(MergedNetMixin, SoupBase):
+    _parameter_constraints: dict = {
+        **SoupBase._parameter_constraints,
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self, estimators, *, max_epochs=5, lr=0.05, batch_size=256, random_state=None
+    ):
+        super().__init__(estimators)
+        self.max_epochs = max_epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.random_state = random_state
+
+    def _build(self, fit):
+        seed = check_random_state(self.random_state).randint(2**31)
+        criterion = getattr(fit.nets[0].criterion_, "_orig_mod", fit.nets[0].criterion_)
+        mixing = learn_soup(
+            fit.modules,
+            fit.loss_function(),
+            fit.X,
+            fit.y,
+            sample_weight=fit.weights,
+            # A temperature scales logits: only for criteria that take logits.
+            temperature=isinstance(
+                criterion, torch.nn.CrossEntropyLoss | torch.nn.BCEWithLogitsLoss
+            ),
+            max_epochs=self.max_epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            generator=torch.Generator().manual_seed(int(seed)),
+        )
+        self.mixing_weights_ = mixing.weights.cpu().numpy()
+        self.tensor_names_ = mixing.tensor_names
+        self.temperature_ = mixing.temperature
+        self.loss_curve_ = mixing.loss_curve
+        self.merged_net_ = fit.net_of(soup_parameters(fit.modules, mixing))

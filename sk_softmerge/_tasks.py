@@ -68,6 +68,15 @@ class Task(ABC):
         ``predict`` maps the module's output to what the net predicts; the
         model runs on ``batch_size`` samples at a time."""
 
+    @abstractmethod
+    def draw_targets(
+        self, output: torch.Tensor, predict: Forward, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Targets drawn from the predictive distribution of a model whose
+        module gave ``output`` (``predict`` maps it to what the net predicts):
+        a class for classifiers, a Gaussian of unit variance around the
+        prediction for regressors (Fisher merging's labels)."""
+
     def pooled(self, y) -> "Task":
         """The task whose per-sample errors on any part of the samples of
         ``y`` add up to errors on all of them (for cross-fitting)."""
@@ -138,6 +147,14 @@ class ClassificationTask(Task):
         )
         return None if correct is None else ~correct
 
+    def draw_targets(self, output, predict, generator):
+        proba = predict(output)
+        # A model whose probabilities are not finite draws uniformly.
+        usable = torch.isfinite(proba).all(-1, keepdim=True)
+        usable &= (proba >= 0).all(-1, keepdim=True) & (proba.sum(-1, keepdim=True) > 0)
+        proba = torch.where(usable, proba, torch.ones_like(proba))
+        return torch.multinomial(proba, 1, generator=generator).squeeze(1)
+
     def score(self, errors):
         """Accuracy; -1 for a model that does not predict."""
         return -1.0 if errors is None else float(1 - errors.mean())
@@ -187,6 +204,16 @@ class RegressionTask(Task):
         """The task scaling every part's errors by the variance of all ``y``."""
         variance = torch.as_tensor(y).to(torch.float64).var(dim=0, unbiased=False)
         return replace(self, variance=variance)
+
+    def draw_targets(self, output, predict, generator):
+        prediction = predict(output)
+        noise = torch.randn(
+            prediction.shape,
+            generator=generator,
+            device=prediction.device,
+            dtype=prediction.dtype,
+        )
+        return prediction + noise
 
     def score(self, errors):
         """R^2; minus infinity for a model whose predictions are not finite."""

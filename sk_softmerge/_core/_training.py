@@ -216,7 +216,7 @@ class _Step:
         without penalty) and whether the step was skipped, all on the device."""
         log_alpha = self.merger.log_alpha
         output = call(self.merger, X_batch, gate_noise=noise)
-        loss = _task_loss(self.loss_fn, output, y_batch, w_batch)
+        loss = task_loss(self.loss_fn, output, y_batch, w_batch)
         # autograd.grad spares zero_grad and the accumulation into .grad.
         (grad,) = torch.autograd.grad(loss, log_alpha)
         # Not held through the next step's backward pass.
@@ -407,7 +407,7 @@ def per_sample_task_losses(
     return losses.cpu().numpy() if torch.isfinite(losses).all() else None
 
 
-def _task_loss(loss_fn, output, y, w):
+def task_loss(loss_fn, output, y, w):
     """The mean task loss of a batch, each sample's loss weighted by ``w``."""
     if w is None:
         return loss_fn(output, y)
@@ -435,6 +435,6 @@ def _mean_task_loss(merger, loss_fn, X, y, w=None, gates=None, batch_size=1024):
     for batch in torch.arange(X.shape[0], device=X.device).split(batch_size):
         output = call(merger, X[batch], gates=gates)
         weights = None if w is None else w[batch]
-        total += _task_loss(loss_fn, output, y[batch], weights) * batch.shape[0]
+        total += task_loss(loss_fn, output, y[batch], weights) * batch.shape[0]
     loss = total.item() / X.shape[0]
     return loss if math.isfinite(loss) else math.inf

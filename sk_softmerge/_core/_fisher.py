@@ -1,0 +1,165 @@
+"""Fisher merging: every weight averaged in proportion to its Fisher information.
+
+Fisher merging (Matena and Raffel, 2022) weighs member ``k``'s value of each
+weight by the diagonal of its Fisher information there, ``F_k = E[g^2]``,
+``g`` the gradient of the log-likelihood of one sample, estimated on data:
+
+    theta = sum_k F_k theta_k / sum_k F_k.
+
+The labels of ``g`` are drawn from the member's own predictive distribution
+(the Fisher information proper) or are the data's labels (the "empirical"
+Fisher). Per-sample gradients come from :func:`torch.func.vmap` of
+:func:`torch.func.grad`, a chunk of samples at a time. As in the paper's code,
+each member's Fisher is divided by its norm over all weights (so that no
+member wins everywhere by the scale of its outputs alone), then floored at
+``floor``: a weight where no member has information above the floor (a dead
+unit, an input that is always zero, a member whose gradients are all zero)
+takes the plain average there.
+
+Memory: one Fisher per member (the size of the member), and per-sample
+gradients of one chunk, at most :data:`CHUNK_ELEMENTS` numbers.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from .._inputs import InputDict, is_dict
+from ._average import stack_parameters, weighted_average
+
+CHUNK_ELEMENTS = 2**24
+"""Per-sample gradient entries computed at once (64 MiB in float32)."""
+FISHER_FLOOR = 1e-6
+"""Least Fisher weight of a weight, after each member's normalisation."""
+
+
+def diagonal_fisher(
+    template: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    X,
+    targets,
+    sample_weight: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """The diagonal of the Fisher information of a member, estimated on ``X``.
+
+    Parameters
+    ----------
+    template : torch.nn.Module
+        A module of the member's architecture, in eval mode.
+    state : dict of str to torch.Tensor
+        The member's state dict, on the template's device.
+    loss_fn : callable
+        ``loss_fn(output, y)``, the mean negative log-likelihood of a batch.
+    X : torch.Tensor or InputDict
+        Inputs, on the template's device.
+    targets : torch.Tensor or callable
+        The labels of ``X``, or a function drawing a batch's labels from the
+        member's output on it.
+    sample_weight : torch.Tensor of shape (n_samples,), default=None
+        Weights of the samples in the mean; ``None`` weighs them equally.
+    batch_size : int, default=256
+        Most samples per chunk of per-sample gradients.
+
+    Returns
+    -------
+    fisher : dict of str to torch.Tensor
+        The weighted mean over ``X`` of each parameter's squared per-sample
+        gradient, float64.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._core._fisher import diagonal_fisher
+    >>> layer = torch.nn.Linear(1, 1, bias=False)
+    >>> state = {"weight": torch.tensor([[2.0]])}
+    >>> loss = lambda out, y: ((out - y) ** 2).mean()
+    >>> X, y = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [5.0]])
+    >>> diagonal_fisher(layer, state, loss, X, y)["weight"]  # (2*1*1)^2, (2*1*3)^2
+    tensor([[20.]], dtype=torch.float64)
+    """
+    names = [name for name, _ in template.named_parameters()]
+    parameters = {name: state[name].detach() for name in names}
+    buffers = {k: v for k, v in state.items() if k not in parameters}
+    n_samples = len(X)
+    n_weights = sum(p.numel() for p in parameters.values())
+    chunk = max(1, min(batch_size, CHUNK_ELEMENTS // max(n_weights, 1)))
+    weights = torch.ones(n_samples) if sample_weight is None else sample_weight
+    weights = weights.to(next(iter(parameters.values())).device, torch.float64)
+
+    def sample_loss(parameters, x, y):
+        inputs = {k: v[None] for k, v in x.items()} if is_dict(x) else {"": x[None]}
+        args = () if is_dict(x) else (inputs.pop(""),)
+        output = functional_call(template, (parameters, buffers), args, inputs)
+        return loss_fn(output, y[None])
+
+    gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    fisher = {
+        k: torch.zeros_like(v, dtype=torch.float64) for k, v in parameters.items()
+    }
+    for start in range(0, n_samples, chunk):
+        x, w = X[start : start + chunk], weights[start : start + chunk]
+        if isinstance(x, InputDict):
+            x = dict(x)
+        if callable(targets):
+            with torch.no_grad():
+                y = targets(_batch_output(template, parameters, buffers, x))
+        else:
+            y = targets[start : start + chunk]
+        for name, g in gradients(parameters, x, y).items():
+            fisher[name] += torch.einsum("n,n...->...", w, g.to(torch.float64) ** 2)
+    return {name: f / weights.sum() for name, f in fisher.items()}
+
+
+def _batch_output(template, parameters, buffers, x):
+    if is_dict(x):
+        return functional_call(template, (parameters, buffers), (), x)
+    return functional_call(template, (parameters, buffers), (x,))
+
+
+def fisher_parameters(
+    modules, fishers: list[dict[str, torch.Tensor]], floor: float = FISHER_FLOOR
+) -> dict[str, torch.Tensor]:
+    """Fisher merging of every parameter of ``modules`` (float64).
+
+    Parameters
+    ----------
+    modules : sequence of torch.nn.Module
+        Members of one architecture; not changed.
+    fishers : list of dict of str to torch.Tensor
+        Each member's diagonal Fisher (:func:`diagonal_fisher`).
+    floor : float, default=FISHER_FLOOR
+        Least weight of a member's value, after its Fisher is divided by its
+        norm over all parameters (a zero Fisher stays zero, then the floor).
+
+    Returns
+    -------
+    parameters : dict of str to torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._core._fisher import fisher_parameters
+    >>> a, b = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = a.weight.fill_(1.0), b.weight.fill_(3.0)
+    >>> fishers = [{"weight": torch.tensor([[3.0]])}, {"weight": torch.tensor([[0.0]])}]
+    >>> fisher_parameters([a, b], fishers)["weight"]  # b has no information
+    tensor([[1.0000]], dtype=torch.float64)
+    """
+    names = [name for name, _ in modules[0].named_parameters()]
+    stack = stack_parameters(modules, names)
+    norms = []
+    for fisher in fishers:
+        norm = torch.sqrt(sum((f**2).sum() for f in fisher.values()))
+        norms.append(torch.where(norm > 0, norm, 1.0))
+    parameters = {}
+    for name in names:
+        weights = torch.stack(
+            [f[name] / n for f, n in zip(fishers, norms, strict=True)]
+        )
+        weights = weights.nan_to_num(nan=0.0, posinf=0.0).clamp_min(floor)
+        parameters[name] = weighted_average(stack[name], weights)
+    return parameters
