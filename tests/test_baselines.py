@@ -11,8 +11,11 @@ from skorch import NeuralNetClassifier
 
 from sk_softmerge.baselines import (
     BestMemberClassifier,
+    FisherMergeClassifier,
     GreedySoupClassifier,
+    LearnedSoupClassifier,
     OutputEnsembleClassifier,
+    RegMeanClassifier,
     UniformSoupClassifier,
 )
 
@@ -22,6 +25,9 @@ BASELINES = [
     BestMemberClassifier,
     GreedySoupClassifier,
     OutputEnsembleClassifier,
+    FisherMergeClassifier,
+    LearnedSoupClassifier,
+    RegMeanClassifier,
     UniformSoupClassifier,
 ]
 

@@ -23,8 +23,11 @@ from sk_softmerge import SoftMergeClassifier, load_merged
 from sk_softmerge._tasks import ClassificationTask, classification_loss
 from sk_softmerge.baselines import (
     BestMemberClassifier,
+    FisherMergeClassifier,
     GreedySoupClassifier,
+    LearnedSoupClassifier,
     OutputEnsembleClassifier,
+    RegMeanClassifier,
     UniformSoupClassifier,
 )
 
@@ -176,6 +179,9 @@ class TestBinaryMembers:
             BestMemberClassifier,
             GreedySoupClassifier,
             OutputEnsembleClassifier,
+            FisherMergeClassifier,
+            LearnedSoupClassifier,
+            RegMeanClassifier,
             UniformSoupClassifier,
         ],
     )

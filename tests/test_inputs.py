@@ -13,8 +13,11 @@ from skorch.helper import SliceDict
 from sk_softmerge import SoftMergeClassifier, load_merged
 from sk_softmerge.baselines import (
     BestMemberClassifier,
+    FisherMergeClassifier,
     GreedySoupClassifier,
+    LearnedSoupClassifier,
     OutputEnsembleClassifier,
+    RegMeanClassifier,
     UniformSoupClassifier,
 )
 
@@ -214,6 +217,9 @@ class TestDictInputs:
             UniformSoupClassifier,
             GreedySoupClassifier,
             OutputEnsembleClassifier,
+            FisherMergeClassifier,
+            LearnedSoupClassifier,
+            RegMeanClassifier,
         ):
             assert baseline(dict_members).fit(X, y).predict(X).shape == y.shape
 

@@ -11,8 +11,11 @@ from sklearn.base import clone
 from sk_softmerge import SoftMergeClassifier, SoftMergeRegressor, plot_gates
 from sk_softmerge.baselines import (
     BestMemberClassifier,
+    FisherMergeClassifier,
     GreedySoupClassifier,
+    LearnedSoupClassifier,
     OutputEnsembleClassifier,
+    RegMeanClassifier,
     UniformSoupClassifier,
 )
 
@@ -82,6 +85,9 @@ class TestNamed:
             UniformSoupClassifier,
             GreedySoupClassifier,
             OutputEnsembleClassifier,
+            FisherMergeClassifier,
+            LearnedSoupClassifier,
+            RegMeanClassifier,
         ],
     )
     def test_baselines(self, baseline, named, digits):

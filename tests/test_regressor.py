@@ -25,8 +25,11 @@ from sk_softmerge import SoftMergeClassifier, SoftMergeRegressor, load_merged
 from sk_softmerge._tasks import regression_loss
 from sk_softmerge.baselines import (
     BestMemberRegressor,
+    FisherMergeRegressor,
     GreedySoupRegressor,
+    LearnedSoupRegressor,
     OutputEnsembleRegressor,
+    RegMeanRegressor,
     UniformSoupRegressor,
 )
 
@@ -524,6 +527,9 @@ BASELINES = [
     BestMemberRegressor,
     GreedySoupRegressor,
     OutputEnsembleRegressor,
+    FisherMergeRegressor,
+    LearnedSoupRegressor,
+    RegMeanRegressor,
     UniformSoupRegressor,
 ]
 
