@@ -12,6 +12,9 @@ Works on plain ``torch.nn.Module``s and tensors, without scikit-learn:
 - ``_evaluation``: forward functions of states, per-sample errors, the paired
   significance test.
 - ``_adam`` and ``_training``: learning the gates.
+- ``_average``, ``_regmean``, ``_fisher``, ``_learned_soup``: the published
+  data-aware merges that the baselines offer (RegMean, Fisher merging, the
+  learned soup by layer).
 
 Imports go one way: the core imports only itself and the package's leaf
 modules (``_inputs``, ``_devices``, ``_nets``), never alignment, export or the
