@@ -316,19 +316,13 @@ def test_members_of_another_architecture_refused(digits):
     X, y = digits
     nets = [
         NeuralNetClassifier(
-            make_module(64, 10),
+            module,
             criterion=torch.nn.CrossEntropyLoss,
             max_epochs=1,
             train_split=None,
             verbose=0,
-        ).fit(X, y),
-        NeuralNetClassifier(
-            batchnorm_module(64, 10),
-            criterion=torch.nn.CrossEntropyLoss,
-            max_epochs=1,
-            train_split=None,
-            verbose=0,
-        ).fit(X, y),
+        ).fit(X, y)
+        for module in (make_module(64, 10), batchnorm_module(64, 10))
     ]
     for Baseline in CLASSIFIERS:
         with pytest.raises((ValueError, TypeError)):
