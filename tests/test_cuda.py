@@ -1,6 +1,8 @@
 """On a GPU: the same gates as on the CPU, and merges of GPU members that load
 without CUDA. Skipped without CUDA (CI has none); run where a GPU is lent."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,11 @@ from sk_softmerge import SoftMerge, SoftMergeClassifier
 from sk_softmerge._core import _fastpath
 from sk_softmerge._core._adam import Adam
 from sk_softmerge._core._gates import logistic_noise
+from sk_softmerge.baselines import (
+    FisherMergeClassifier,
+    LearnedSoupClassifier,
+    RegMeanClassifier,
+)
 
 from conftest import predict_without_cuda
 
@@ -78,4 +85,39 @@ def test_merge_of_gpu_members_loads_without_cuda(digits, tmp_path):
         merge.predict_proba(X[:50]),
         rtol=1e-4,
         atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "Baseline", [RegMeanClassifier, FisherMergeClassifier, LearnedSoupClassifier]
+)
+def test_data_aware_baselines_on_gpu_members(Baseline, digits):
+    """The same merge from GPU members as from their CPU copies."""
+    X, y = digits
+    members = [
+        NeuralNetClassifier(
+            mlp(seed),
+            criterion=torch.nn.CrossEntropyLoss,
+            max_epochs=2,
+            train_split=None,
+            device="cuda",
+            verbose=0,
+        ).fit(X, y)
+        for seed in range(3)
+    ]
+    on_cpu = [copy.deepcopy(m) for m in members]
+    for member in on_cpu:  # not set_params, which would initialise a new module
+        member.device = "cpu"
+        member.module_.to("cpu")
+    # Labels drawn on another device differ: the empirical Fisher is compared.
+    seeded = {
+        RegMeanClassifier: {},
+        FisherMergeClassifier: {"fisher": "empirical"},
+        LearnedSoupClassifier: {"random_state": 0},
+    }[Baseline]
+    gpu = Baseline(members, **seeded).fit(X[:500], y[:500])
+    cpu = Baseline(on_cpu, **seeded).fit(X[:500], y[:500])
+    assert next(gpu.merged_net_.module_.parameters()).is_cuda
+    np.testing.assert_allclose(
+        gpu.predict_proba(X[:50]), cpu.predict_proba(X[:50]), rtol=1e-3, atol=1e-4
     )
