@@ -327,3 +327,12 @@ def test_members_of_another_architecture_refused(digits):
     for Baseline in CLASSIFIERS:
         with pytest.raises((ValueError, TypeError)):
             Baseline(nets).fit(X, y)
+
+
+@pytest.mark.parametrize("Baseline", REGRESSORS)
+def test_save_merged_round_trip_of_regressors(Baseline, regressors, diabetes, tmp_path):
+    X, y = diabetes
+    model = Baseline(regressors).fit(X, y)
+    path = model.save_merged(tmp_path / "merged.safetensors")
+    net = load_merged(path, make_module, n_features=10, n_classes=1)
+    np.testing.assert_array_equal(net.predict(X)[:, 0], model.predict(X))
