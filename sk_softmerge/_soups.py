@@ -74,6 +74,10 @@ class FitData:
     def device(self) -> torch.device:
         return next(self.template.parameters()).device
 
+    def member_forwards(self) -> list[Callable]:
+        """The forward function of every member, run in the template."""
+        return [member_forward(self.template, module) for module in self.modules]
+
     def loss_function(self):
         """The members' task loss on the device."""
         return self.task.loss_function(self.nets[0], self.device)
@@ -218,14 +222,10 @@ class MergedNetMixin:
 
 class BestMember(MergedNetMixin, SoupBase):
     def _build(self, fit):
-        self.scores_ = np.array(list(map(fit.score, self._member_forwards(fit))))
+        self.scores_ = np.array(list(map(fit.score, fit.member_forwards())))
         self.best_index_ = int(np.argmax(self.scores_))
         best = fit.nets[self.best_index_]
         self.merged_net_ = fit.task.build_net(best, best.module_.state_dict())
-
-    @staticmethod
-    def _member_forwards(fit):
-        return [member_forward(fit.template, module) for module in fit.modules]
 
 
 class UniformSoup(MergedNetMixin, SoupBase):
@@ -243,7 +243,7 @@ class GreedySoup(MergedNetMixin, SoupBase):
             state = self._soup_state(fit.nets, ingredients, fit.X)
             return fit.score(state_forward(fit.template, state))
 
-        member_scores = list(map(fit.score, BestMember._member_forwards(fit)))
+        member_scores = list(map(fit.score, fit.member_forwards()))
         self.ingredients_, self.score_ = greedy_soup(member_scores, soup_score)
         self.merged_net_ = self._soup(fit.task, fit.nets, self.ingredients_, fit.X)
 
