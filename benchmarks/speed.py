@@ -305,10 +305,12 @@ of an epoch's gate noise would show."""
 SCALE_START, SCALE_END = "<!-- memory-scale:start -->", "<!-- memory-scale:end -->"
 
 
-def scale_fit(label, n_members, n_samples=SCALE_SAMPLES, max_epochs=2):
+def scale_fit(
+    label, n_members, n_samples=SCALE_SAMPLES, max_epochs=2, with_members=False
+):
     """A default fit of ``n_members`` forks of the MLP ``label`` of
     ``SCALE_WIDTHS`` on random data, as a function to call, and the number of
-    weights of one member."""
+    weights of one member; then, ``with_members``, the members and the data."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(n_samples, 40)).astype(np.float32)
     y = rng.integers(0, 10, n_samples)
@@ -335,7 +337,10 @@ def scale_fit(label, n_members, n_samples=SCALE_SAMPLES, max_epochs=2):
             members, max_epochs=max_epochs, device="cpu", random_state=0
         ).fit(X, y)
 
-    return fit, sum(p.numel() for p in shared.module_.parameters())
+    n_weights = sum(p.numel() for p in shared.module_.parameters())
+    if with_members:
+        return fit, n_weights, members, (X, y)
+    return fit, n_weights
 
 
 def memory_at_scale():
