@@ -4,62 +4,71 @@ RegMean, Fisher merging and the learned soup each end in a weighted average of
 the members' values of every parameter (RegMean only for the layers it does
 not solve for). It is computed here in float64 as the plain average plus the
 weighted average of the members' differences from it, so that members that
-agree on a value give exactly that value, whatever their weights.
+agree on a value give exactly that value, whatever their weights. It is
+accumulated one member at a time: a parameter's average costs a few float64
+copies of that parameter, never a stack of every member's.
 """
+
+from collections.abc import Iterable, Sequence
 
 import torch
 
 
-def stack_parameters(modules, names) -> dict[str, torch.Tensor]:
-    """Every member's value of each parameter in ``names``, stacked on a first
-    axis of length ``len(modules)``, in float64 on the first member's device.
+def member_values(modules, name: str) -> list[torch.Tensor]:
+    """Every member's value of the parameter ``name``, detached (no copies).
 
     Examples
     --------
     >>> import torch
-    >>> from sk_softmerge._core._average import stack_parameters
-    >>> stack = stack_parameters([torch.nn.Linear(3, 2)] * 4, ["weight"])
-    >>> stack["weight"].shape, stack["weight"].dtype
-    (torch.Size([4, 2, 3]), torch.float64)
+    >>> from sk_softmerge._core._average import member_values
+    >>> [v.shape for v in member_values([torch.nn.Linear(3, 2)] * 2, "weight")]
+    [torch.Size([2, 3]), torch.Size([2, 3])]
     """
-    device = next(modules[0].parameters()).device
-    return {
-        name: torch.stack(
-            [m.get_parameter(name).detach().to(device, torch.float64) for m in modules]
-        )
-        for name in names
-    }
+    return [module.get_parameter(name).detach() for module in modules]
 
 
-def weighted_average(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_k w_k theta_k / sum_k w_k`` over the first axis of ``stack``,
-    computed as ``mean + sum_k w_k (theta_k - mean) / sum_k w_k``.
+def weighted_average(
+    values: Sequence[torch.Tensor], weights: Iterable[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``sum_k w_k theta_k / sum_k w_k`` over the members' ``values``, computed
+    as ``mean + sum_k w_k (theta_k - mean) / sum_k w_k`` in float64.
 
     Parameters
     ----------
-    stack : torch.Tensor of shape (n_members, ...)
-        The members' values, float64.
-    weights : torch.Tensor
-        Non-negative weights, broadcastable to ``stack``; where they sum to
-        zero over the members, the plain average.
+    values : sequence of torch.Tensor
+        Each member's value, of one shape, on one device.
+    weights : iterable of torch.Tensor, default=None
+        Each member's non-negative weights, broadcastable to a value, read
+        once, one member at a time; where they sum to zero, the plain
+        average. ``None`` gives the plain average.
 
     Returns
     -------
-    average : torch.Tensor of shape stack.shape[1:]
+    average : torch.Tensor
+        Of the values' shape, float64.
 
     Examples
     --------
     >>> import torch
     >>> from sk_softmerge._core._average import weighted_average
-    >>> stack = torch.tensor([[1.0, 2.0], [3.0, 2.0]], dtype=torch.float64)
-    >>> weighted_average(stack, torch.tensor([[3.0, 0.0], [1.0, 0.0]]))
+    >>> values = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0])]
+    >>> weighted_average(values, [torch.tensor([3.0, 0.0]), torch.tensor([1.0, 0.0])])
     tensor([1.5000, 2.0000], dtype=torch.float64)
+    >>> weighted_average(values)
+    tensor([2., 2.], dtype=torch.float64)
     """
-    mean = stack.mean(0)
-    weights = torch.broadcast_to(weights.to(stack), stack.shape)
-    total = weights.sum(0)
-    shift = (weights * (stack - mean)).sum(0) / torch.where(total > 0, total, 1.0)
-    return mean + shift
+    mean = torch.zeros_like(values[0], dtype=torch.float64)
+    for value in values:
+        mean += value
+    mean /= len(values)
+    if weights is None:
+        return mean
+    shift, total = torch.zeros_like(mean), torch.zeros_like(mean)
+    for value, weight in zip(values, weights, strict=True):
+        weight = weight.to(mean)
+        shift += weight * (value.to(mean) - mean)
+        total += weight
+    return mean + shift / torch.where(total > 0, total, 1.0)
 
 
 def merged_state(modules, parameters: dict[str, torch.Tensor]) -> dict:

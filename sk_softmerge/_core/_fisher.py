@@ -16,8 +16,10 @@ member wins everywhere by the scale of its outputs alone), then floored at
 unit, an input that is always zero, a member whose gradients are all zero)
 takes the plain average there.
 
-Memory: one Fisher per member (the size of the member), and per-sample
-gradients of one chunk, at most :data:`CHUNK_ELEMENTS` numbers.
+Memory: one float32 Fisher per member (together, one stack of the members'
+weights), per-sample gradients of one chunk (at most :data:`CHUNK_ELEMENTS`
+numbers) and, while the weights are averaged, a few float64 copies of one
+parameter.
 """
 
 from collections.abc import Callable
@@ -26,10 +28,10 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .._inputs import InputDict, is_dict
-from ._average import stack_parameters, weighted_average
+from ._average import member_values, weighted_average
 
-CHUNK_ELEMENTS = 2**24
-"""Per-sample gradient entries computed at once (64 MiB in float32)."""
+CHUNK_ELEMENTS = 2**22
+"""Per-sample gradient entries computed at once (16 MiB in float32)."""
 FISHER_FLOOR = 1e-6
 """Least Fisher weight of a weight, after each member's normalisation."""
 
@@ -67,7 +69,7 @@ def diagonal_fisher(
     -------
     fisher : dict of str to torch.Tensor
         The weighted mean over ``X`` of each parameter's squared per-sample
-        gradient, float64.
+        gradient, float32.
 
     Examples
     --------
@@ -78,7 +80,7 @@ def diagonal_fisher(
     >>> loss = lambda out, y: ((out - y) ** 2).mean()
     >>> X, y = torch.tensor([[1.0], [3.0]]), torch.tensor([[1.0], [5.0]])
     >>> diagonal_fisher(layer, state, loss, X, y)["weight"]  # (2*1*1)^2, (2*1*3)^2
-    tensor([[20.]], dtype=torch.float64)
+    tensor([[20.]])
     """
     names = [name for name, _ in template.named_parameters()]
     parameters = {name: state[name].detach() for name in names}
@@ -87,7 +89,7 @@ def diagonal_fisher(
     n_weights = sum(p.numel() for p in parameters.values())
     chunk = max(1, min(batch_size, CHUNK_ELEMENTS // max(n_weights, 1)))
     weights = torch.ones(n_samples) if sample_weight is None else sample_weight
-    weights = weights.to(next(iter(parameters.values())).device, torch.float64)
+    weights = weights.to(next(iter(parameters.values())).device, torch.float32)
 
     def sample_loss(parameters, x, y):
         inputs = {k: v[None] for k, v in x.items()} if is_dict(x) else {"": x[None]}
@@ -97,7 +99,7 @@ def diagonal_fisher(
 
     gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     fisher = {
-        k: torch.zeros_like(v, dtype=torch.float64) for k, v in parameters.items()
+        k: torch.zeros_like(v, dtype=torch.float32) for k, v in parameters.items()
     }
     for start in range(0, n_samples, chunk):
         x, w = X[start : start + chunk], weights[start : start + chunk]
@@ -109,8 +111,9 @@ def diagonal_fisher(
         else:
             y = targets[start : start + chunk]
         for name, g in gradients(parameters, x, y).items():
-            fisher[name] += torch.einsum("n,n...->...", w, g.to(torch.float64) ** 2)
-    return {name: f / weights.sum() for name, f in fisher.items()}
+            g = g.to(torch.float32)
+            fisher[name] += torch.einsum("n,n...->...", w, g.mul_(g))  # in place
+    return {name: f.div_(weights.sum()) for name, f in fisher.items()}
 
 
 def _batch_output(template, parameters, buffers, x):
@@ -150,16 +153,17 @@ def fisher_parameters(
     tensor([[1.0000]], dtype=torch.float64)
     """
     names = [name for name, _ in modules[0].named_parameters()]
-    stack = stack_parameters(modules, names)
     norms = []
     for fisher in fishers:
-        norm = torch.sqrt(sum((f**2).sum() for f in fisher.values()))
+        norm = torch.sqrt(sum((f.double() ** 2).sum() for f in fisher.values()))
         norms.append(torch.where(norm > 0, norm, 1.0))
-    parameters = {}
-    for name in names:
-        weights = torch.stack(
-            [f[name] / n for f, n in zip(fishers, norms, strict=True)]
-        )
-        weights = weights.nan_to_num(nan=0.0, posinf=0.0).clamp_min(floor)
-        parameters[name] = weighted_average(stack[name], weights)
-    return parameters
+
+    def weights(name):  # one member's at a time
+        for fisher, norm in zip(fishers, norms, strict=True):
+            weight = (fisher[name] / norm).nan_to_num(nan=0.0, posinf=0.0)
+            yield weight.clamp_min(floor)
+
+    return {
+        name: weighted_average(member_values(modules, name), weights(name))
+        for name in names
+    }

@@ -10,8 +10,9 @@ learning rate 0.05, batches of 256). The soup runs through
 the softmax weights as its gates, so a step merges every tensor in one fused
 operation.
 
-Memory: the members' stacked weights (as :class:`SoftMerge` holds them) and
-one training step's activations.
+Memory: the members' stacked weights (as :class:`SoftMerge` holds them), one
+training step's activations and the fused merge's buffers; the soup's weights
+are then averaged one parameter at a time.
 """
 
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .._inputs import call
-from ._average import stack_parameters, weighted_average
+from ._average import member_values, weighted_average
 from ._merger import SoftMerge
 from ._training import task_loss
 
@@ -150,11 +151,8 @@ def soup_parameters(modules, mixing: LearnedMixing) -> dict[str, torch.Tensor]:
     >>> soup_parameters([a, b], mixing)["weight"]
     tensor([[1.]], dtype=torch.float64)
     """
-    stack = stack_parameters(modules, mixing.tensor_names)
     weights = mixing.weights.to(torch.float64)
     return {
-        name: weighted_average(
-            stack[name], weights[:, i].reshape(-1, *[1] * (stack[name].dim() - 1))
-        )
+        name: weighted_average(member_values(modules, name), weights[:, i])
         for i, name in enumerate(mixing.tensor_names)
     }

@@ -14,9 +14,10 @@ feature's column by its members' squared inputs alone). A convolution is the
 linear map of its unfolded input patches. Each member's inputs are measured
 through that member, not through the merge.
 
-Memory: one Gram matrix of ``(in_features + 1)^2`` float64 entries per layer
-and member (``(in_channels * kernel_size + 1)^2`` for a convolution), all of
-one member's layers at once.
+Memory: the Gram matrix of ``(in_features + 1)^2`` float64 entries of every
+layer (``(in_channels * kernel_size + 1)^2`` for a convolution) of one member
+at a time, and, per layer, their sum and the sum of their products with the
+members' weights; never a stack of every member's weights or Gram matrices.
 """
 
 import copy
@@ -25,13 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from .._inputs import call
-from ._average import stack_parameters, weighted_average
+from ._average import member_values, weighted_average
 from ._evaluation import state_forward
 
 GRAM_BATCH = 256
 """Samples per forward pass while the Gram matrices are accumulated."""
-GRAM_ROWS = 8192
-"""Rows of a layer's inputs (patches, for a convolution) per float64 product."""
+GRAM_ELEMENTS = 2**20
+"""Entries of a layer's input rows (patches, for a convolution) turned into
+float64 at once (8 MiB)."""
 
 
 def regmean_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -84,15 +86,44 @@ def _rows(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def _matrix(layer: torch.nn.Module, stack: dict, name: str) -> torch.Tensor:
-    """The members' weights of ``layer`` as matrices ``(K, out, d)``, the bias
-    as a last column, as :func:`_rows` lays the inputs out."""
-    weight = stack[f"{name}.weight" if name else "weight"]
-    matrix = weight.reshape(weight.shape[0], weight.shape[1], -1)
+def _matrix(layer: torch.nn.Module, parameters, prefix: str) -> torch.Tensor:
+    """The weight of ``layer`` as a matrix ``(out, d)``, the bias as a last
+    column, as :func:`_rows` lays the inputs out; ``parameters(name)`` gives
+    a parameter's value."""
+    weight = parameters(prefix + "weight")
+    matrix = weight.reshape(weight.shape[0], -1)
     if layer.bias is not None:
-        bias = stack[f"{name}.bias" if name else "bias"]
-        matrix = torch.cat([matrix, bias[..., None]], dim=-1)
+        matrix = torch.cat([matrix, parameters(prefix + "bias")[:, None]], dim=-1)
     return matrix
+
+
+class _NormalEquations:
+    """The sums over members that RegMean solves for one linear map, added one
+    member at a time: ``sum_k G_k`` and ``sum_k G_k (W_k - mean)^T``."""
+
+    def __init__(self, mean: torch.Tensor, alpha: float):
+        self.mean, self.alpha = mean, alpha
+        self.total = self.right = 0
+
+    def add(self, gram: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add a member's Gram matrix (scaled in place) and weight matrix."""
+        diagonal = gram.diagonal().clone()
+        gram.mul_(self.alpha).diagonal().copy_(diagonal)
+        self.total = self.total + gram
+        self.right = self.right + gram @ (weight.to(self.mean) - self.mean).T
+
+    def solve(self) -> torch.Tensor:
+        total, scale = self.total, float(self.total.diagonal().mean()) or 1.0
+        ridge, identity = (
+            0.0,
+            torch.eye(len(total), dtype=total.dtype, device=total.device),
+        )
+        for _ in range(12):
+            factor, info = torch.linalg.cholesky_ex(total + ridge * identity)
+            if int(info) == 0:
+                return self.mean + torch.cholesky_solve(self.right, factor).T
+            ridge = 1e-6 * scale if ridge == 0 else 10 * ridge
+        return self.mean  # no ridge made it factorise: non-finite inputs
 
 
 @torch.no_grad()
@@ -150,7 +181,7 @@ def gram_matrices(
             rows = _rows(layer, x.detach())
             rows = (rows * w.to(rows).sqrt()[:, None, None]).reshape(-1, rows.shape[-1])
             gram = grams.get(name, 0)
-            for block in rows.split(GRAM_ROWS):  # float64 a block at a time
+            for block in rows.split(max(1, GRAM_ELEMENTS // rows.shape[-1])):
                 block = block.to(torch.float64)
                 gram = gram + block.T @ block
             grams[name] = gram
@@ -179,17 +210,15 @@ def _device(module: torch.nn.Module) -> torch.device:
     return tensor.device
 
 
-def regmean_weight(
-    weights: torch.Tensor, grams: torch.Tensor, alpha: float
-) -> torch.Tensor:
+def regmean_weight(weights, grams, alpha: float) -> torch.Tensor:
     """RegMean's merge of one linear map.
 
     Parameters
     ----------
-    weights : torch.Tensor of shape (n_members, out, d)
-        The members' weight matrices (bias as a last column), float64.
-    grams : torch.Tensor of shape (n_members, d, d)
-        The members' Gram matrices of the map's inputs.
+    weights : sequence of torch.Tensor of shape (out, d)
+        The members' weight matrices (bias as a last column).
+    grams : sequence of torch.Tensor of shape (d, d)
+        The members' Gram matrices of the map's inputs; not changed.
     alpha : float
         Scale of the off-diagonal entries of every Gram matrix, in [0, 1].
 
@@ -208,25 +237,15 @@ def regmean_weight(
     --------
     >>> import torch
     >>> from sk_softmerge._core._regmean import regmean_weight
-    >>> w = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)
-    >>> g = torch.stack([torch.diag(torch.tensor([3.0, 1.0])),
-    ...                  torch.diag(torch.tensor([1.0, 1.0]))]).double()
+    >>> w = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    >>> g = [torch.diag(torch.tensor([3.0, 1.0])), torch.eye(2)]
     >>> regmean_weight(w, g, alpha=1.0)
     tensor([[0.7500, 0.5000]], dtype=torch.float64)
     """
-    diagonal = torch.diag_embed(torch.diagonal(grams, dim1=-2, dim2=-1))
-    grams = alpha * grams + (1 - alpha) * diagonal
-    mean = weights.mean(0)
-    total = grams.sum(0)
-    right = torch.einsum("kij,koj->io", grams, weights - mean)
-    scale = float(torch.diagonal(total).mean()) or 1.0
-    ridge, identity = 0.0, torch.eye(len(total), dtype=total.dtype, device=total.device)
-    for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(total + ridge * identity)
-        if int(info) == 0:
-            return mean + torch.cholesky_solve(right, factor).T
-        ridge = 1e-6 * scale if ridge == 0 else 10 * ridge
-    return mean  # no ridge made it factorise: non-finite inputs
+    equations = _NormalEquations(weighted_average(list(weights)), alpha)
+    for weight, gram in zip(weights, grams, strict=True):
+        equations.add(gram.to(torch.float64, copy=True), weight)
+    return equations.solve()
 
 
 def regmean_parameters(
@@ -271,27 +290,32 @@ def regmean_parameters(
     template = copy.deepcopy(modules[0]).eval()
     layers = regmean_layers(template)
     names = [name for name, _ in modules[0].named_parameters()]
-    stack = stack_parameters(modules, names)
-    members_grams = [
-        gram_matrices(template, _state_of(member, template), layers, X, sample_weight)
-        for member in modules
-    ]
-    parameters = {name: weighted_average(stack[name], torch.ones(1)) for name in names}
-    solved = []
-    for name, layer in layers.items():
-        grams = [g[name] for g in members_grams]
-        if any(g is None for g in grams):
-            continue
-        merged = regmean_weight(_matrix(layer, stack, name), torch.stack(grams), alpha)
-        prefix = f"{name}." if name else ""
-        weight = parameters[prefix + "weight"]
-        parameters[prefix + "weight"] = merged[:, : weight[0].numel()].reshape(
+    parameters = {
+        name: weighted_average(member_values(modules, name)) for name in names
+    }
+    prefixes = {name: f"{name}." if name else "" for name in layers}
+    equations = {
+        name: _NormalEquations(_matrix(layer, parameters.get, prefixes[name]), alpha)
+        for name, layer in layers.items()
+    }
+    for member in modules:
+        grams = gram_matrices(
+            template, _state_of(member, template), layers, X, sample_weight
+        )
+        for name in list(equations):
+            if grams[name] is None:  # not called on one row block per sample
+                del equations[name]
+            else:
+                weight = _matrix(layers[name], member.get_parameter, prefixes[name])
+                equations[name].add(grams[name], weight.detach())
+    for name, system in equations.items():
+        merged, weight = system.solve(), parameters[prefixes[name] + "weight"]
+        parameters[prefixes[name] + "weight"] = merged[:, : weight[0].numel()].reshape(
             weight.shape
         )
-        if layer.bias is not None:
-            parameters[prefix + "bias"] = merged[:, -1]
-        solved.append(name)
-    return parameters, solved
+        if layers[name].bias is not None:
+            parameters[prefixes[name] + "bias"] = merged[:, -1]
+    return parameters, list(equations)
 
 
 def _state_of(member: torch.nn.Module, template: torch.nn.Module) -> dict:
