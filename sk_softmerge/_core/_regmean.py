@@ -109,8 +109,12 @@ class _NormalEquations:
         """Add a member's Gram matrix (scaled in place) and weight matrix."""
         diagonal = gram.diagonal().clone()
         gram.mul_(self.alpha).diagonal().copy_(diagonal)
-        self.total = self.total + gram
-        self.right = self.right + gram @ (weight.to(self.mean) - self.mean).T
+        right = gram @ (weight.to(self.mean) - self.mean).T
+        if isinstance(self.total, int):  # the first member's
+            self.total, self.right = gram, right
+        else:
+            self.total += gram
+            self.right += right
 
     def solve(self) -> torch.Tensor:
         total, scale = self.total, float(self.total.diagonal().mean()) or 1.0
@@ -119,7 +123,9 @@ class _NormalEquations:
             torch.eye(len(total), dtype=total.dtype, device=total.device),
         )
         for _ in range(12):
-            factor, info = torch.linalg.cholesky_ex(total + ridge * identity)
+            factor, info = torch.linalg.cholesky_ex(
+                total + ridge * identity if ridge else total
+            )
             if int(info) == 0:
                 return self.mean + torch.cholesky_solve(self.right, factor).T
             ridge = 1e-6 * scale if ridge == 0 else 10 * ridge
@@ -308,6 +314,7 @@ def regmean_parameters(
             else:
                 weight = _matrix(layers[name], member.get_parameter, prefixes[name])
                 equations[name].add(grams[name], weight.detach())
+        del grams  # before the next member's are measured
     for name, system in equations.items():
         merged, weight = system.solve(), parameters[prefixes[name] + "weight"]
         parameters[prefixes[name] + "weight"] = merged[:, : weight[0].numel()].reshape(
