@@ -34,6 +34,21 @@ def mlp(seed):
     )
 
 
+def gpu_members(X, y):
+    """Three MLP classifiers trained on the GPU."""
+    return [
+        NeuralNetClassifier(
+            mlp(seed),
+            criterion=torch.nn.CrossEntropyLoss,
+            max_epochs=2,
+            train_split=None,
+            device="cuda",
+            verbose=0,
+        ).fit(X, y)
+        for seed in range(3)
+    ]
+
+
 @pytest.mark.parametrize("path", ["small", "large"])
 def test_same_gates_on_cpu_and_gpu(digits, path, monkeypatch):
     """Also along a large stack's path: the reduction in chunks with compact
@@ -66,17 +81,7 @@ def test_same_gates_on_cpu_and_gpu(digits, path, monkeypatch):
 
 def test_merge_of_gpu_members_loads_without_cuda(digits, tmp_path):
     X, y = digits
-    members = [
-        NeuralNetClassifier(
-            mlp(seed),
-            criterion=torch.nn.CrossEntropyLoss,
-            max_epochs=2,
-            train_split=None,
-            device="cuda",
-            verbose=0,
-        ).fit(X, y)
-        for seed in range(3)
-    ]
+    members = gpu_members(X, y)
     assert next(members[0].module_.parameters()).is_cuda
     merge = SoftMergeClassifier(members, max_epochs=2, random_state=0).fit(X, y)
     assert next(merge.merged_net_.module_.parameters()).is_cuda
@@ -94,17 +99,7 @@ def test_merge_of_gpu_members_loads_without_cuda(digits, tmp_path):
 def test_data_aware_baselines_on_gpu_members(Baseline, digits):
     """The same merge from GPU members as from their CPU copies."""
     X, y = digits
-    members = [
-        NeuralNetClassifier(
-            mlp(seed),
-            criterion=torch.nn.CrossEntropyLoss,
-            max_epochs=2,
-            train_split=None,
-            device="cuda",
-            verbose=0,
-        ).fit(X, y)
-        for seed in range(3)
-    ]
+    members = gpu_members(X, y)
     on_cpu = [copy.deepcopy(m) for m in members]
     for member in on_cpu:  # not set_params, which would initialise a new module
         member.device = "cpu"
