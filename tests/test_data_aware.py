@@ -145,20 +145,43 @@ def test_regmean_solves_convolutions():
         assert objective(weight, bias + 1e-2 * torch.randn_like(bias)) > best
 
 
-def test_fisher_is_the_mean_squared_per_sample_gradient():
+class Twice(torch.nn.Module):
+    """A linear layer called twice (its per-sample gradient is a sum of two
+    outer products), a norm, and a linear layer on sequences."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(3, 3)
+        self.norm = torch.nn.LayerNorm(3)
+        self.per_position = torch.nn.Linear(1, 2)
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        hidden = self.norm(self.shared(torch.relu(self.shared(x))))
+        return self.head(self.per_position(hidden[..., None]).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: torch.nn.Linear(3, 2), Twice], ids=["linear", "mixed"]
+)
+def test_fisher_is_the_mean_squared_per_sample_gradient(make):
+    """Both ways to square per-sample gradients (outer products for a
+    ``Linear`` called once on one row per sample, ``vmap`` for the rest) give
+    the squares of gradients taken one sample at a time."""
     torch.manual_seed(0)
-    layer = torch.nn.Linear(3, 2)
+    module = make().eval()
     X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    w = torch.rand(20)
     loss = torch.nn.CrossEntropyLoss()
-    fisher = diagonal_fisher(layer.eval(), layer.state_dict(), loss, X, y)
-    expected = {name: torch.zeros_like(p) for name, p in layer.named_parameters()}
+    fisher = diagonal_fisher(module, module.state_dict(), loss, X, y, w, batch_size=8)
+    expected = {name: torch.zeros_like(p) for name, p in module.named_parameters()}
     for i in range(len(X)):
-        layer.zero_grad()
-        loss(layer(X[i : i + 1]), y[i : i + 1]).backward()
-        for name, p in layer.named_parameters():
-            expected[name] += p.grad**2 / len(X)
+        module.zero_grad()
+        loss(module(X[i : i + 1]), y[i : i + 1]).backward()
+        for name, p in module.named_parameters():
+            expected[name] += w[i] * p.grad**2 / w.sum()
     for name in expected:
-        torch.testing.assert_close(fisher[name].float(), expected[name])
+        torch.testing.assert_close(fisher[name], expected[name], rtol=1e-4, atol=1e-7)
 
 
 def test_fisher_without_information_falls_back_to_the_average(digits):

@@ -8,8 +8,13 @@ weight by the diagonal of its Fisher information there, ``F_k = E[g^2]``,
 
 The labels of ``g`` are drawn from the member's own predictive distribution
 (the Fisher information proper) or are the data's labels (the "empirical"
-Fisher). Per-sample gradients come from :func:`torch.func.vmap` of
-:func:`torch.func.grad`, a chunk of samples at a time. As in the paper's code,
+Fisher). For a ``Linear`` layer called once on one row per sample, a sample's
+gradient of the weight is the outer product ``g x^T`` of the gradient of its
+loss with respect to the layer's output and the layer's input, so the sum of
+the squares over a batch is one product, ``(g^2)^T (x^2)``, and no per-sample
+gradient is formed. Every other parameter's per-sample gradients come from
+:func:`torch.func.vmap` of :func:`torch.func.grad`, a chunk of samples at a
+time. As in the paper's code,
 each member's Fisher is divided by its norm over all weights (so that no
 member wins everywhere by the scale of its outputs alone), then floored at
 ``floor``: a weight where no member has information above the floor (a dead
@@ -17,9 +22,9 @@ unit, an input that is always zero, a member whose gradients are all zero)
 takes the plain average there.
 
 Memory: one float32 Fisher per member (together, one stack of the members'
-weights), per-sample gradients of one chunk (at most :data:`CHUNK_ELEMENTS`
-numbers) and, while the weights are averaged, a few float64 copies of one
-parameter.
+weights), one batch's activations, per-sample gradients of the other
+parameters for one chunk (at most :data:`CHUNK_ELEMENTS` numbers) and, while
+the weights are averaged, a few float64 copies of one parameter.
 """
 
 from collections.abc import Callable
@@ -29,11 +34,13 @@ from torch.func import functional_call, grad, vmap
 
 from .._inputs import InputDict, is_dict
 from ._average import member_values, weighted_average
+from ._training import losses_of_batch
 
 CHUNK_ELEMENTS = 2**24
-"""Per-sample gradient entries computed at once (64 MiB in float32). At 1M
-weights, K=5, 500 samples: 8.4 s and a peak of 4.4 stacks of the members'
-weights; 2**22 took 19.9 s (3.9 stacks), 2**26 5.2 s (14 stacks)."""
+"""Per-sample gradient entries computed at once (64 MiB in float32). With
+every parameter through per-sample gradients, at 1M weights, K=5, 500
+samples: 8.4 s and a peak of 4.4 stacks of the members' weights; 2**22 took
+19.9 s (3.9 stacks), 2**26 5.2 s (14 stacks)."""
 FISHER_FLOOR = 1e-6
 """Least Fisher weight of a weight, after each member's normalisation."""
 
@@ -65,7 +72,7 @@ def diagonal_fisher(
     sample_weight : torch.Tensor of shape (n_samples,), default=None
         Weights of the samples in the mean; ``None`` weighs them equally.
     batch_size : int, default=256
-        Most samples per chunk of per-sample gradients.
+        Samples per forward pass (and per draw of labels).
 
     Returns
     -------
@@ -87,41 +94,126 @@ def diagonal_fisher(
     names = [name for name, _ in template.named_parameters()]
     parameters = {name: state[name].detach() for name in names}
     buffers = {k: v for k, v in state.items() if k not in parameters}
+    layers = _outer_product_layers(template)
     n_samples = len(X)
-    n_weights = sum(p.numel() for p in parameters.values())
-    chunk = max(1, min(batch_size, CHUNK_ELEMENTS // max(n_weights, 1)))
     weights = torch.ones(n_samples) if sample_weight is None else sample_weight
     weights = weights.to(next(iter(parameters.values())).device, torch.float32)
-
-    def sample_loss(parameters, x, y):
-        inputs = {k: v[None] for k, v in x.items()} if is_dict(x) else {"": x[None]}
-        args = () if is_dict(x) else (inputs.pop(""),)
-        output = functional_call(template, (parameters, buffers), args, inputs)
-        return loss_fn(output, y[None])
-
-    gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     fisher = {
         k: torch.zeros_like(v, dtype=torch.float32) for k, v in parameters.items()
     }
-    for start in range(0, n_samples, chunk):
-        x, w = X[start : start + chunk], weights[start : start + chunk]
+    for start in range(0, n_samples, batch_size):
+        x, w = X[start : start + batch_size], weights[start : start + batch_size]
         if isinstance(x, InputDict):
             x = dict(x)
         if callable(targets):
             with torch.no_grad():
-                y = targets(_batch_output(template, parameters, buffers, x))
+                y = targets(_batch_output(template, (parameters, buffers), x))
         else:
-            y = targets[start : start + chunk]
-        for name, g in gradients(parameters, x, y).items():
-            g = g.to(torch.float32)
-            fisher[name] += torch.einsum("n,n...->...", w, g.mul_(g))  # in place
+            y = targets[start : start + batch_size]
+        done = _outer_product_fisher(
+            template, (parameters, buffers), layers, loss_fn, x, y, w
+        )
+        for name, value in done.items():
+            fisher[name] += value
+        rest = {k: v for k, v in parameters.items() if k not in done}
+        for name, value in _per_sample_fisher(
+            template, (rest, parameters, buffers), loss_fn, x, y, w
+        ).items():
+            fisher[name] += value
     return {name: f.div_(weights.sum()) for name, f in fisher.items()}
 
 
-def _batch_output(template, parameters, buffers, x):
+def _outer_product_layers(template: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The ``Linear`` layers whose squared per-sample gradients can be formed
+    from their inputs and output gradients, by name: weights of no other
+    layer's."""
+    owners: dict[int, int] = {}
+    for _, parameter in template.named_parameters(remove_duplicate=False):
+        owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    return {
+        name: layer
+        for name, layer in template.named_modules()
+        if isinstance(layer, torch.nn.Linear) and owners[id(layer.weight)] == 1
+    }
+
+
+def _outer_product_fisher(template, state, layers, loss_fn, x, y, w) -> dict:
+    """The weighted sums of squared per-sample gradients of the ``layers``
+    called once on one row per sample: for a layer ``y = x W^T + b``, a
+    sample's gradient of ``W`` is ``g x^T``, ``g`` the gradient of its loss
+    with respect to the layer's output, so its square is ``g^2 (x^2)^T`` and
+    the sum over samples one product, without a per-sample gradient. The
+    other layers' parameters are left out of the result."""
+    parameters, buffers = state
+    calls: dict[str, list] = {name: [] for name in layers}
+    handles = [
+        layer.register_forward_hook(
+            lambda _, inputs, output, name=name: calls[name].append((inputs[0], output))
+        )
+        for name, layer in layers.items()
+    ]
+    live = {k: v.detach().requires_grad_() for k, v in parameters.items()}
+    try:
+        output = _batch_output(template, (live, buffers), x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    usable = [
+        name
+        for name, seen in calls.items()
+        if len(seen) == 1 and seen[0][0].dim() == 2 and len(seen[0][0]) == len(w)
+    ]
+    if not usable:
+        return {}
+    total = losses_of_batch(loss_fn, output, y).sum()
+    outputs = [calls[name][0][1] for name in usable]
+    gradients = torch.autograd.grad(total, outputs, allow_unused=True)
+    found = {}
+    for name, gradient in zip(usable, gradients, strict=True):
+        inputs, layer_output = calls[name][0]
+        if gradient is None:  # the loss does not depend on this layer
+            gradient = torch.zeros_like(layer_output)
+        g2 = gradient.detach().to(torch.float32).square_() * w[:, None]
+        prefix = f"{name}." if name else ""
+        found[prefix + "weight"] = g2.T @ inputs.detach().to(torch.float32).square()
+        if layers[name].bias is not None:
+            found[prefix + "bias"] = g2.sum(0)
+    return found
+
+
+def _per_sample_fisher(template, state, loss_fn, x, y, w) -> dict:
+    """The weighted sums of squared per-sample gradients of the parameters
+    ``rest`` of ``state = (rest, parameters, buffers)``, from
+    :func:`torch.func.vmap` of :func:`torch.func.grad`, at most
+    :data:`CHUNK_ELEMENTS` gradient entries at a time."""
+    rest, parameters, buffers = state
+    if not rest:
+        return {}
+    fixed = {k: v for k, v in parameters.items() if k not in rest}
+
+    def sample_loss(rest, x, y):
+        inputs = {k: v[None] for k, v in x.items()} if is_dict(x) else {"": x[None]}
+        args = () if is_dict(x) else (inputs.pop(""),)
+        output = functional_call(template, ({**rest, **fixed}, buffers), args, inputs)
+        return loss_fn(output, y[None])
+
+    gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    n_weights = sum(p.numel() for p in rest.values())
+    chunk = max(1, CHUNK_ELEMENTS // n_weights)
+    found = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in rest.items()}
+    for start in range(0, len(w), chunk):
+        part = slice(start, start + chunk)
+        xs = {k: v[part] for k, v in x.items()} if is_dict(x) else x[part]
+        for name, g in gradients(rest, xs, y[part]).items():
+            g = g.to(torch.float32)
+            found[name] += torch.einsum("n,n...->...", w[part], g.mul_(g))  # in place
+    return found
+
+
+def _batch_output(template, state, x):
     if is_dict(x):
-        return functional_call(template, (parameters, buffers), (), x)
-    return functional_call(template, (parameters, buffers), (x,))
+        return functional_call(template, state, (), x)
+    return functional_call(template, state, (x,))
 
 
 def fisher_parameters(

@@ -398,7 +398,7 @@ def per_sample_task_losses(
         samples = torch.arange(X.shape[0], device=X.device)
     losses = torch.cat(
         [
-            _losses_of_batch(loss_fn, call(merger, X[batch], gates=gates), y[batch])
+            losses_of_batch(loss_fn, call(merger, X[batch], gates=gates), y[batch])
             for batch in samples.split(batch_size)
         ]
     )
@@ -411,10 +411,10 @@ def task_loss(loss_fn, output, y, w):
     """The mean task loss of a batch, each sample's loss weighted by ``w``."""
     if w is None:
         return loss_fn(output, y)
-    return (_losses_of_batch(loss_fn, output, y) * w).mean()
+    return (losses_of_batch(loss_fn, output, y) * w).mean()
 
 
-def _losses_of_batch(loss_fn, output, y):
+def losses_of_batch(loss_fn, output, y):
     try:
         return torch.func.vmap(lambda out, t: loss_fn(out[None], t[None]))(output, y)
     except Exception:
