@@ -466,9 +466,11 @@ class FisherMergeClassifier(MemberClassifierMixin, FisherMerge):
     floored at 1e-6: where no member has information above the floor (a dead
     unit, an input that is always zero, a member whose gradients are all
     zero), the weight is the plain average. Batch-norm statistics are
-    recomputed on the ``fit`` data. Costs one forward and backward pass per
-    sample and member, batched with ``torch.func.vmap``; memory, one Fisher
-    per member (the size of a member). No member is left out, so a member
+    recomputed on the ``fit`` data. Costs a forward and a backward pass of
+    each member per batch, the squares of a ``Linear`` layer's per-sample
+    gradients formed as one product, every other weight's per-sample
+    gradients batched with ``torch.func.vmap``; memory, one Fisher per member
+    (the size of a member). No member is left out, so a member
     holding NaN spoils the merge, as it spoils the uniform soup.
 
     Parameters
@@ -630,9 +632,11 @@ class FisherMergeRegressor(MemberRegressorMixin, FisherMerge):
     floored at 1e-6: where no member has information above the floor (a dead
     unit, an input that is always zero, a member whose gradients are all
     zero), the weight is the plain average. Batch-norm statistics are
-    recomputed on the ``fit`` data. Costs one forward and backward pass per
-    sample and member, batched with ``torch.func.vmap``; memory, one Fisher
-    per member (the size of a member). No member is left out, so a member
+    recomputed on the ``fit`` data. Costs a forward and a backward pass of
+    each member per batch, the squares of a ``Linear`` layer's per-sample
+    gradients formed as one product, every other weight's per-sample
+    gradients batched with ``torch.func.vmap``; memory, one Fisher per member
+    (the size of a member). No member is left out, so a member
     holding NaN spoils the merge, as it spoils the uniform soup.
 
     Parameters
