@@ -161,8 +161,26 @@ class Twice(torch.nn.Module):
         return self.head(self.per_position(hidden[..., None]).flatten(1))
 
 
+class Branching(torch.nn.Module):
+    """A module whose forward reads a value back (``.item()``), which
+    ``vmap`` cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(3)
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        hidden = self.norm(x)
+        if hidden.abs().max().item() > 100:
+            hidden = hidden / 100
+        return self.head(hidden)
+
+
 @pytest.mark.parametrize(
-    "make", [lambda: torch.nn.Linear(3, 2), Twice], ids=["linear", "mixed"]
+    "make",
+    [lambda: torch.nn.Linear(3, 2), Twice, Branching],
+    ids=["linear", "mixed", "untraceable"],
 )
 def test_fisher_is_the_mean_squared_per_sample_gradient(make):
     """Both ways to square per-sample gradients (outer products for a

@@ -197,7 +197,19 @@ def _per_sample_fisher(template, state, loss_fn, x, y, w) -> dict:
         output = functional_call(template, ({**rest, **fixed}, buffers), args, inputs)
         return loss_fn(output, y[None])
 
-    gradients = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    batched = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def gradients(rest, xs, ys):
+        try:
+            return batched(rest, xs, ys)
+        except Exception:
+            # A module or loss that vmap cannot trace (data-dependent Python
+            # control flow, .item()): the same gradients, one sample at a time.
+            one = [
+                grad(sample_loss)(rest, _sample(xs, i), ys[i]) for i in range(len(ys))
+            ]
+            return {k: torch.stack([g[k] for g in one]) for k in rest}
+
     n_weights = sum(p.numel() for p in rest.values())
     chunk = max(1, CHUNK_ELEMENTS // n_weights)
     found = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in rest.items()}
@@ -208,6 +220,10 @@ def _per_sample_fisher(template, state, loss_fn, x, y, w) -> dict:
             g = g.to(torch.float32)
             found[name] += torch.einsum("n,n...->...", w[part], g.mul_(g))  # in place
     return found
+
+
+def _sample(x, i):
+    return {k: v[i] for k, v in x.items()} if is_dict(x) else x[i]
 
 
 def _batch_output(template, state, x):
