@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ._merger import tied_aliases
+
 
 def member_values(modules, name: str) -> list[torch.Tensor]:
     """Every member's value of the parameter ``name``, detached (no copies).
@@ -84,10 +86,9 @@ def merged_state(modules, parameters: dict[str, torch.Tensor]) -> dict:
     >>> state["bias"]
     tensor([1.])
     """
-    tensors = modules[0].state_dict(keep_vars=True)
-    state = {k: v.detach().clone() for k, v in tensors.items()}
+    state = {k: v.detach().clone() for k, v in modules[0].state_dict().items()}
     for name, value in parameters.items():
-        parameter = modules[0].get_parameter(name)
-        for key in [k for k, v in tensors.items() if v is parameter]:  # tied names
-            state[key] = value.to(parameter.dtype)
+        state[name] = value.to(state[name].dtype)
+    for alias, name in tied_aliases(modules[0], list(parameters)):
+        state[alias] = state[name]
     return state

@@ -30,10 +30,12 @@ the weights are averaged, a few float64 copies of one parameter.
 from collections.abc import Callable
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from .._inputs import InputDict, is_dict
+from .._inputs import InputDict, call, is_dict
 from ._average import member_values, weighted_average
+from ._evaluation import state_forward
+from ._merger import untied_layers
 from ._training import losses_of_batch
 
 CHUNK_ELEMENTS = 2**24
@@ -94,10 +96,16 @@ def diagonal_fisher(
     names = [name for name, _ in template.named_parameters()]
     parameters = {name: state[name].detach() for name in names}
     buffers = {k: v for k, v in state.items() if k not in parameters}
-    layers = _outer_product_layers(template)
+    layers = {  # a sample's gradient of their weight is an outer product
+        name: layer
+        for name, layer in untied_layers(template).items()
+        if isinstance(layer, torch.nn.Linear)
+    }
     n_samples = len(X)
     weights = torch.ones(n_samples) if sample_weight is None else sample_weight
     weights = weights.to(next(iter(parameters.values())).device, torch.float32)
+    live = {k: v.detach().requires_grad_() for k, v in parameters.items()}
+    forward = state_forward(template, {**live, **buffers})
     fisher = {
         k: torch.zeros_like(v, dtype=torch.float32) for k, v in parameters.items()
     }
@@ -105,14 +113,14 @@ def diagonal_fisher(
         x, w = X[start : start + batch_size], weights[start : start + batch_size]
         if isinstance(x, InputDict):
             x = dict(x)
+        # One forward pass serves the drawn labels and the outer products.
+        with torch.set_grad_enabled(bool(layers)):
+            output, calls = _traced(forward, layers, x)
         if callable(targets):
-            with torch.no_grad():
-                y = targets(_batch_output(template, (parameters, buffers), x))
+            y = targets(output.detach())
         else:
             y = targets[start : start + batch_size]
-        done = _outer_product_fisher(
-            template, (parameters, buffers), layers, loss_fn, x, y, w
-        )
+        done = _outer_product_fisher(layers, calls, loss_fn, output, y, w)
         for name, value in done.items():
             fisher[name] += value
         rest = {k: v for k, v in parameters.items() if k not in done}
@@ -123,28 +131,9 @@ def diagonal_fisher(
     return {name: f.div_(weights.sum()) for name, f in fisher.items()}
 
 
-def _outer_product_layers(template: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The ``Linear`` layers whose squared per-sample gradients can be formed
-    from their inputs and output gradients, by name: weights of no other
-    layer's."""
-    owners: dict[int, int] = {}
-    for _, parameter in template.named_parameters(remove_duplicate=False):
-        owners[id(parameter)] = owners.get(id(parameter), 0) + 1
-    return {
-        name: layer
-        for name, layer in template.named_modules()
-        if isinstance(layer, torch.nn.Linear) and owners[id(layer.weight)] == 1
-    }
-
-
-def _outer_product_fisher(template, state, layers, loss_fn, x, y, w) -> dict:
-    """The weighted sums of squared per-sample gradients of the ``layers``
-    called once on one row per sample: for a layer ``y = x W^T + b``, a
-    sample's gradient of ``W`` is ``g x^T``, ``g`` the gradient of its loss
-    with respect to the layer's output, so its square is ``g^2 (x^2)^T`` and
-    the sum over samples one product, without a per-sample gradient. The
-    other layers' parameters are left out of the result."""
-    parameters, buffers = state
+def _traced(forward, layers: dict, x) -> tuple[torch.Tensor, dict]:
+    """``forward``'s output on ``x``, and the input and output of every call
+    of each of ``layers`` during it, by layer name."""
     calls: dict[str, list] = {name: [] for name in layers}
     handles = [
         layer.register_forward_hook(
@@ -152,12 +141,21 @@ def _outer_product_fisher(template, state, layers, loss_fn, x, y, w) -> dict:
         )
         for name, layer in layers.items()
     ]
-    live = {k: v.detach().requires_grad_() for k, v in parameters.items()}
     try:
-        output = _batch_output(template, (live, buffers), x)
+        return call(forward, x), calls
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _outer_product_fisher(layers, calls, loss_fn, output, y, w) -> dict:
+    """The weighted sums of squared per-sample gradients of the ``layers``
+    called once on one row per sample (``calls`` as :func:`_traced` gives
+    them, ``output`` the module's): for a layer ``y = x W^T + b``, a sample's
+    gradient of ``W`` is ``g x^T``, ``g`` the gradient of its loss with
+    respect to the layer's output, so its square is ``g^2 (x^2)^T`` and the
+    sum over samples one product, without a per-sample gradient. The other
+    layers' parameters are left out of the result."""
     usable = [
         name
         for name, seen in calls.items()
@@ -192,10 +190,8 @@ def _per_sample_fisher(template, state, loss_fn, x, y, w) -> dict:
     fixed = {k: v for k, v in parameters.items() if k not in rest}
 
     def sample_loss(rest, x, y):
-        inputs = {k: v[None] for k, v in x.items()} if is_dict(x) else {"": x[None]}
-        args = () if is_dict(x) else (inputs.pop(""),)
-        output = functional_call(template, ({**rest, **fixed}, buffers), args, inputs)
-        return loss_fn(output, y[None])
+        forward = state_forward(template, {**rest, **fixed, **buffers})
+        return loss_fn(call(forward, _each(x, lambda v: v[None])), y[None])
 
     batched = vmap(grad(sample_loss), in_dims=(None, 0, 0))
 
@@ -206,7 +202,8 @@ def _per_sample_fisher(template, state, loss_fn, x, y, w) -> dict:
             # A module or loss that vmap cannot trace (data-dependent Python
             # control flow, .item()): the same gradients, one sample at a time.
             one = [
-                grad(sample_loss)(rest, _sample(xs, i), ys[i]) for i in range(len(ys))
+                grad(sample_loss)(rest, _each(xs, lambda v, i=i: v[i]), ys[i])
+                for i in range(len(ys))
             ]
             return {k: torch.stack([g[k] for g in one]) for k in rest}
 
@@ -215,21 +212,16 @@ def _per_sample_fisher(template, state, loss_fn, x, y, w) -> dict:
     found = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in rest.items()}
     for start in range(0, len(w), chunk):
         part = slice(start, start + chunk)
-        xs = {k: v[part] for k, v in x.items()} if is_dict(x) else x[part]
+        xs = _each(x, lambda v, part=part: v[part])
         for name, g in gradients(rest, xs, y[part]).items():
             g = g.to(torch.float32)
             found[name] += torch.einsum("n,n...->...", w[part], g.mul_(g))  # in place
     return found
 
 
-def _sample(x, i):
-    return {k: v[i] for k, v in x.items()} if is_dict(x) else x[i]
-
-
-def _batch_output(template, state, x):
-    if is_dict(x):
-        return functional_call(template, state, (), x)
-    return functional_call(template, state, (x,))
+def _each(x, index):
+    """``index`` applied to ``x``, or to each value of a dict ``x``."""
+    return {k: index(v) for k, v in x.items()} if is_dict(x) else index(x)
 
 
 def fisher_parameters(

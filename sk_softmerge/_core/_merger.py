@@ -152,7 +152,7 @@ class SoftMerge(torch.nn.Module):
         names = select_parameters(self.template, merge)
         self.units = find_units(self.template, names, granularity)
         self._names = names
-        self._aliases = _tied_aliases(self.template, names)
+        self._aliases = tied_aliases(self.template, names)
         self._binding = TemplateBinding(self.template, names, self._aliases)
         self._layout = FlatLayout([self.template.get_parameter(n).shape for n in names])
         self._repair: UnitCorrection | None = None
@@ -503,10 +503,21 @@ def _signature(module: torch.nn.Module) -> list[tuple]:
     return [(key, tuple(p.shape), p.dtype) for key, p in module.named_parameters()]
 
 
-def _tied_aliases(
+def tied_aliases(
     module: torch.nn.Module, names: Sequence[str]
 ) -> list[tuple[str, str]]:
-    """Pairs ``(alias, name)``: other names under which a merged tensor is held."""
+    """Pairs ``(alias, name)``: the other names under which ``module`` holds
+    each parameter of ``names`` (tied weights, a module registered twice).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._core._merger import tied_aliases
+    >>> net = torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Linear(2, 5))
+    >>> net[1].weight = net[0].weight
+    >>> tied_aliases(net, ["0.weight"])
+    [('1.weight', '0.weight')]
+    """
     names_of: dict[int, list[str]] = {}
     for kind in (module.named_parameters, module.named_buffers):
         for name, tensor in kind(remove_duplicate=False):
@@ -517,6 +528,30 @@ def _tied_aliases(
         for alias in names_of[id(module.get_parameter(name))]
         if alias != name
     ]
+
+
+def untied_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The submodules with a ``weight`` parameter that ``module`` holds under
+    that one name (no tied weight, no module registered twice), by name.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sk_softmerge._core._merger import untied_layers
+    >>> net = torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Linear(2, 5),
+    ...                           torch.nn.Linear(5, 1))
+    >>> net[1].weight = net[0].weight
+    >>> list(untied_layers(net))
+    ['2']
+    """
+    names = [name for name, _ in module.named_parameters()]
+    held_twice = {name for pair in tied_aliases(module, names) for name in pair}
+    return {
+        name: layer
+        for name, layer in module.named_modules()
+        if isinstance(getattr(layer, "weight", None), torch.nn.Parameter)
+        and (f"{name}.weight" if name else "weight") not in held_twice
+    }
 
 
 def _release(template: torch.nn.Module, names) -> None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .._inputs import call
 from ._average import member_values, weighted_average
 from ._evaluation import state_forward
+from ._merger import untied_layers
 
 GRAM_BATCH = 256
 """Samples per forward pass while the Gram matrices are accumulated."""
@@ -49,20 +50,17 @@ def regmean_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     >>> list(regmean_layers(net))
     ['0']
     """
-    layers, owners = {}, {}
-    for name, layer in module.named_modules():
-        weight = getattr(layer, "weight", None)
-        if isinstance(weight, torch.nn.Parameter):
-            owners.setdefault(id(weight), []).append(name)
-        if isinstance(layer, torch.nn.Linear) or (
+    return {
+        name: layer
+        for name, layer in untied_layers(module).items()
+        if isinstance(layer, torch.nn.Linear)
+        or (
             isinstance(layer, torch.nn.Conv1d | torch.nn.Conv2d)
             and layer.groups == 1
             and layer.padding_mode == "zeros"
             and not isinstance(layer.padding, str)
-        ):
-            layers[name] = layer
-    tied = {name for names in owners.values() if len(names) > 1 for name in names}
-    return {name: layer for name, layer in layers.items() if name not in tied}
+        )
+    }
 
 
 def _rows(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -203,17 +201,12 @@ def gram_matrices(
     try:
         for start in range(0, n_samples, GRAM_BATCH):
             batch = slice(start, start + GRAM_BATCH)
-            batch_weights[0] = weights[batch].to(_device(template))
+            batch_weights[0] = weights[batch].to(X.device)
             call(forward, X[batch])
     finally:
         for handle in handles:
             handle.remove()
     return {name: None if name in spoilt else grams.get(name) for name in layers}
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    tensor = next(iter(module.state_dict().values()), torch.empty(0))
-    return tensor.device
 
 
 def regmean_weight(weights, grams, alpha: float) -> torch.Tensor:
@@ -305,9 +298,8 @@ def regmean_parameters(
         for name, layer in layers.items()
     }
     for member in modules:
-        grams = gram_matrices(
-            template, _state_of(member, template), layers, X, sample_weight
-        )
+        state = {k: v.detach().to(X.device) for k, v in member.state_dict().items()}
+        grams = gram_matrices(template, state, layers, X, sample_weight)
         for name in list(equations):
             if grams[name] is None:  # not called on one row block per sample
                 del equations[name]
@@ -323,8 +315,3 @@ def regmean_parameters(
         if layers[name].bias is not None:
             parameters[prefixes[name] + "bias"] = merged[:, -1]
     return parameters, list(equations)
-
-
-def _state_of(member: torch.nn.Module, template: torch.nn.Module) -> dict:
-    device = _device(template)
-    return {k: v.detach().to(device) for k, v in member.state_dict().items()}
