@@ -20,6 +20,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
+from ._export import save_merged
 from ._inputs import InputDict, cast, check_dict, is_dict, takes_integers
 from ._members import check_members, split_names
 from ._nets import module_dtype
@@ -315,3 +316,56 @@ def weighted_samples(X, y, sample_weight):
     if present.all():
         return X, y, weights
     return X[present], y[present], weights[present]
+
+
+class MergedNetMixin:
+    """``save_merged`` for an estimator that predicts with one net,
+    ``merged_net_``: the soft merges and the baselines but the ensembles."""
+
+    def save_merged(self, path):
+        """Write the merged net to ``path`` with safetensors, without pickle.
+
+        Writes one file, ending in ``.safetensors``: the merged weights (and the
+        criterion's tensor arguments) as tensors, and in its header metadata a
+        JSON document with the classes (for a classifier), number of features,
+        unit names and gates (none for a baseline's merge), tensor shapes and
+        dtypes, the SHA-256 of the tensor data and the package version. Nothing
+        in the file is executable; :func:`sk_softmerge.load_merged` checks it
+        and rebuilds the net.
+
+        Parameters
+        ----------
+        path : str or path-like
+            Where to write; must end in ``.safetensors``. An existing file is
+            replaced only once the new file is written.
+
+        Returns
+        -------
+        path : pathlib.Path
+            The one file written.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np, torch
+        >>> from sklearn.datasets import load_iris
+        >>> from skorch import NeuralNetClassifier
+        >>> from sk_softmerge import SoftMergeClassifier, load_merged
+        >>> X, y = load_iris(return_X_y=True)
+        >>> X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
+        >>> members = [NeuralNetClassifier(
+        ...     torch.nn.Linear, module__in_features=4, module__out_features=3,
+        ...     criterion=torch.nn.CrossEntropyLoss, max_epochs=5, lr=0.1,
+        ...     verbose=0).fit(X, y) for _ in range(2)]
+        >>> merge = SoftMergeClassifier(members, max_epochs=2).fit(X, y)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = merge.save_merged(Path(folder) / "m.safetensors")
+        ...     net = load_merged(path, torch.nn.Linear, in_features=4,
+        ...                       out_features=3)
+        >>> path.name
+        'm.safetensors'
+        >>> np.array_equal(net.predict_proba(X), merge.predict_proba(X))
+        True
+        """
+        return save_merged(self, path)

@@ -32,6 +32,7 @@ from ._align._repair import member_moments, repair_of, repair_sites
 from ._base import (
     MemberClassifierMixin,
     MemberRegressorMixin,
+    MergedNetMixin,
     weighted_samples,
 )
 from ._core._evaluation import EVALUATION_BATCHES, choose_lowest_loss, weighted
@@ -40,7 +41,6 @@ from ._core._screening import nonfinite_members, screen
 from ._core._training import GateTraining, learn_gates, per_sample_task_losses
 from ._crossfit import cross_fit, fold_summary, pooled
 from ._devices import resolve_device
-from ._export import save_merged
 from ._inputs import check_forward, to_device
 from ._rules import GREEDY_SOUP, Candidate, RuleBook, choose_start
 from ._tasks import ClassificationTask, Task, prediction_function
@@ -54,8 +54,9 @@ comparison stays a small part of a fit."""
 SOFT_MERGE = "soft merge"
 
 
-class _SoftMergeBase(BaseEstimator):
-    """Parameters, ``fit`` and ``save_merged`` of the soft-merge estimators.
+class _SoftMergeBase(MergedNetMixin, BaseEstimator):
+    """Parameters and ``fit`` of the soft-merge estimators (``save_merged`` from
+    :class:`~sk_softmerge._base.MergedNetMixin`).
 
     A subclass puts a task mixin (``MemberClassifierMixin`` or
     ``MemberRegressorMixin``) before this class: ``fit`` calls its
@@ -417,53 +418,6 @@ class _SoftMergeBase(BaseEstimator):
         self.n_iter_ = len(self.loss_curve_)
         self.unit_names_ = merger.unit_names
         self.gates_ = _per_estimator(chosen.gates.cpu().numpy(), rows, len(nets))
-
-    def save_merged(self, path):
-        """Write the merged net to ``path`` with safetensors, without pickle.
-
-        Writes one file, ending in ``.safetensors``: the merged weights (and the
-        criterion's tensor arguments) as tensors, and in its header metadata a
-        JSON document with the classes (for a classifier), number of features,
-        unit names, gates, tensor shapes and dtypes, the SHA-256 of the tensor
-        data and the package version. Nothing in the file is executable;
-        :func:`sk_softmerge.load_merged` checks it and rebuilds the net.
-
-        Parameters
-        ----------
-        path : str or path-like
-            Where to write; must end in ``.safetensors``. An existing file is
-            replaced only once the new file is written.
-
-        Returns
-        -------
-        path : pathlib.Path
-            The one file written.
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> from pathlib import Path
-        >>> import numpy as np, torch
-        >>> from sklearn.datasets import load_iris
-        >>> from skorch import NeuralNetClassifier
-        >>> from sk_softmerge import SoftMergeClassifier, load_merged
-        >>> X, y = load_iris(return_X_y=True)
-        >>> X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
-        >>> members = [NeuralNetClassifier(
-        ...     torch.nn.Linear, module__in_features=4, module__out_features=3,
-        ...     criterion=torch.nn.CrossEntropyLoss, max_epochs=5, lr=0.1,
-        ...     verbose=0).fit(X, y) for _ in range(2)]
-        >>> merge = SoftMergeClassifier(members, max_epochs=2).fit(X, y)
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     path = merge.save_merged(Path(folder) / "m.safetensors")
-        ...     net = load_merged(path, torch.nn.Linear, in_features=4,
-        ...                       out_features=3)
-        >>> path.name
-        'm.safetensors'
-        >>> np.array_equal(net.predict_proba(X), merge.predict_proba(X))
-        True
-        """
-        return save_merged(self, path)
 
 
 class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):

@@ -22,7 +22,7 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import weighted_samples
+from ._base import MergedNetMixin, weighted_samples
 from ._core._average import merged_state
 from ._core._batchnorm import has_batchnorm, recompute_batchnorm_statistics
 from ._core._evaluation import member_forward, state_forward, weighted
@@ -30,7 +30,6 @@ from ._core._fisher import diagonal_fisher, fisher_parameters
 from ._core._learned_soup import learn_soup, soup_parameters
 from ._core._merger import SoftMerge
 from ._core._regmean import regmean_parameters
-from ._export import save_merged
 from ._inputs import check_forward, to_device
 from ._rules import greedy_soup
 from ._tasks import Task, prediction_function
@@ -173,51 +172,6 @@ class SoupBase(BaseEstimator):
     def _soup(cls, task, nets, ingredients, X):
         state = cls._soup_state(nets, ingredients, X)
         return task.build_net(nets[ingredients[0]], state)
-
-
-class MergedNetMixin:
-    """``save_merged`` for a baseline that predicts with one net."""
-
-    def save_merged(self, path):
-        """Write the merged net to ``path`` with safetensors, without pickle.
-
-        The file is as :meth:`sk_softmerge.SoftMergeClassifier.save_merged`
-        writes it, with no gates; :func:`sk_softmerge.load_merged` rebuilds
-        the net.
-
-        Parameters
-        ----------
-        path : str or path-like
-            Where to write; must end in ``.safetensors``.
-
-        Returns
-        -------
-        path : pathlib.Path
-            The one file written.
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> from pathlib import Path
-        >>> import numpy as np, torch
-        >>> from skorch import NeuralNetClassifier
-        >>> from sk_softmerge import load_merged
-        >>> from sk_softmerge.baselines import UniformSoupClassifier
-        >>> X = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
-        >>> y = (X[:, 0] > 0).astype(np.int64)
-        >>> nets = [NeuralNetClassifier(torch.nn.Linear, module__in_features=2,
-        ...     module__out_features=2, criterion=torch.nn.CrossEntropyLoss,
-        ...     max_epochs=5, train_split=None, verbose=0).fit(X, y)
-        ...     for _ in range(2)]
-        >>> soup = UniformSoupClassifier(nets).fit(X, y)
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     path = soup.save_merged(Path(folder) / "soup.safetensors")
-        ...     net = load_merged(path, torch.nn.Linear, in_features=2,
-        ...                       out_features=2)
-        >>> np.array_equal(net.predict_proba(X), soup.predict_proba(X))
-        True
-        """
-        return save_merged(self, path)
 
 
 class BestMember(MergedNetMixin, SoupBase):
