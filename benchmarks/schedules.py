@@ -1,0 +1,239 @@
+"""Gate-learning schedules against their cost: how much of the output
+ensemble's gain each one captures, and what it costs.
+
+Every schedule is ``SoftMergeClassifier(members, random_state=seed, **params)``
+on the members of ``quality.py``'s scenarios, fit on all the training data,
+with one of these protocols for the final gates:
+
+- ``steps`` (the default): the final gates learn on all the data for as many
+  steps as the folds' gates took in the chosen number of epochs;
+- ``epochs``: for as many epochs as the folds chose (twice the steps with
+  ``cv=2``);
+- ``fold average``: no final learning; the final log-alphas are the mean of
+  the folds' at the chosen epoch;
+- ``EMA``: the default, but every fit keeps an exponential moving average of
+  the log-alphas (a horizon of one epoch's steps), scored and kept in place of
+  the last step's;
+- ``cosine``: the default, with the learning rate decayed to zero along a
+  cosine over each fit's steps.
+
+The last four replace private functions of the package for the duration of a
+fit (``unittest.mock.patch``): they are experiments, not options. "best fixed
+rule" and "output ensemble" are read from ``quality.json`` (per seed, the same
+definitions as the quality section of RESULTS.md); "cost" is the fit's wall
+time over the training of one member for 25 epochs (``quality.py``'s unit), in
+this process::
+
+    cd benchmarks && OMP_NUM_THREADS=1 python schedules.py --scenarios f g h
+
+Prints one Markdown row per schedule and scenario: SoftMerge's mean test
+accuracy over the seeds, its edge over the best fixed rule, the share captured
+(where the ensemble is at least one point above the best fixed rule), the mean
+cost and the epochs chosen per seed.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from quality import ROOM, member_training_seconds, members_for
+
+import sk_softmerge._core._training as training
+import sk_softmerge._softmerge as softmerge
+from sk_softmerge import SoftMergeClassifier
+
+HERE = Path(__file__).parent
+
+SCHEDULES = {
+    "default (cv=2, 12 epochs, lr 0.2, steps)": ({}, "steps"),
+    "12 epochs, lr 0.2, epochs": ({}, "epochs"),
+    "16 epochs, lr 0.2, epochs": ({"max_epochs": 16}, "epochs"),
+    "20 epochs, lr 0.15, epochs": ({"max_epochs": 20, "lr": 0.15}, "epochs"),
+    "20 epochs, lr 0.2, steps": ({"max_epochs": 20}, "steps"),
+    "24 epochs, lr 0.1, epochs": ({"max_epochs": 24, "lr": 0.1}, "epochs"),
+    "30 epochs, lr 0.1, steps": ({"max_epochs": 30, "lr": 0.1}, "steps"),
+    "30 epochs, lr 0.1, epochs": ({"max_epochs": 30, "lr": 0.1}, "epochs"),
+    "40 epochs, lr 0.05, steps": ({"max_epochs": 40, "lr": 0.05}, "steps"),
+    "12 epochs, lr 0.2, fold average": ({}, "fold average"),
+    "20 epochs, lr 0.2, fold average": ({"max_epochs": 20}, "fold average"),
+    "12 epochs, lr 0.2, EMA": ({}, "EMA"),
+    "12 epochs, lr 0.4, EMA": ({"lr": 0.4}, "EMA"),
+    "12 epochs, lr 0.3, cosine": ({"lr": 0.3}, "cosine"),
+    "20 epochs, lr 0.2, cosine": ({"max_epochs": 20}, "cosine"),
+    "cv=None, 60 epochs, lr 0.05 (the earlier default)": (
+        {"cv": None, "max_epochs": 60, "lr": 0.05},
+        "steps",
+    ),
+}
+
+
+def same_epochs():
+    """The final gates learn for the folds' chosen epochs, not steps."""
+    return mock.patch.object(softmerge, "_final_epochs", lambda best, *_: best)
+
+
+@contextlib.contextmanager
+def fold_average():
+    """The final log-alphas are the folds' mean at the chosen epoch."""
+    found = {}
+    cross_fit, learn = softmerge.cross_fit, softmerge._Samples.learn
+
+    def recording(*args, **kwargs):
+        found["result"] = cross_fit(*args, **kwargs)
+        return found["result"]
+
+    def final(self, index, max_epochs, after_epoch):
+        if after_epoch is not None:  # a fold's learning
+            return learn(self, index, max_epochs, after_epoch)
+        result = found["result"]
+        self._fit.merger.set_log_alpha(
+            torch.stack([f.log_alphas[result.best_epoch] for f in result.folds]).mean(0)
+        )
+        return training.GateTraining()
+
+    with (
+        mock.patch.object(softmerge, "cross_fit", recording),
+        mock.patch.object(softmerge._Samples, "learn", final),
+    ):
+        yield
+
+
+def _steps(X, kwargs):
+    samples = kwargs.get("samples")
+    n_samples = len(X) if samples is None else len(samples)
+    return math.ceil(n_samples / kwargs.get("batch_size", 128))
+
+
+@contextlib.contextmanager
+def moving_average():
+    """Every fit scores and keeps an EMA of its log-alphas (one epoch's
+    steps of horizon) instead of the last step's."""
+    learn_gates, current = softmerge.learn_gates, {}
+
+    class AveragingAdam(training.Adam):
+        def __init__(self, parameter, lr, **kwargs):
+            super().__init__(parameter, lr, **kwargs)
+            self.average = parameter.detach().clone()
+            current["adam"] = self
+
+        def step(self, grad, skip=None):
+            super().step(grad, skip)
+            self.average.lerp_(self.parameter.detach(), current["rate"])
+
+    def averaged(merger, loss_fn, X, y, after_epoch=None, **kwargs):
+        current["rate"] = 1 / _steps(X, kwargs)
+
+        def scored(epoch):
+            if after_epoch is not None:
+                last = merger.log_alpha.detach().clone()
+                merger.set_log_alpha(current["adam"].average)
+                after_epoch(epoch)
+                merger.set_log_alpha(last)
+
+        result = learn_gates(merger, loss_fn, X, y, after_epoch=scored, **kwargs)
+        if kwargs.get("max_epochs", 12) > 0:
+            merger.set_log_alpha(current["adam"].average)
+        return result
+
+    with (
+        mock.patch.object(training, "Adam", AveragingAdam),
+        mock.patch.object(softmerge, "learn_gates", averaged),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def cosine():
+    """Every fit's learning rate falls to zero along a cosine of its steps."""
+    learn_gates, current = softmerge.learn_gates, {}
+
+    class CosineAdam(training.Adam):
+        def __init__(self, parameter, lr, **kwargs):
+            super().__init__(parameter, lr, **kwargs)
+            self.base_lr, self.n_steps_taken = lr, 0
+
+        def step(self, grad, skip=None):
+            done = min(self.n_steps_taken / max(current["steps"], 1), 1.0)
+            self.lr = self.base_lr * 0.5 * (1 + math.cos(math.pi * done))
+            self.n_steps_taken += 1
+            super().step(grad, skip)
+
+    def scheduled(merger, loss_fn, X, y, **kwargs):
+        current["steps"] = kwargs.get("max_epochs", 12) * _steps(X, kwargs)
+        return learn_gates(merger, loss_fn, X, y, **kwargs)
+
+    with (
+        mock.patch.object(training, "Adam", CosineAdam),
+        mock.patch.object(softmerge, "learn_gates", scheduled),
+    ):
+        yield
+
+
+PROTOCOLS = {
+    "steps": contextlib.nullcontext,
+    "epochs": same_epochs,
+    "fold average": fold_average,
+    "EMA": moving_average,
+    "cosine": cosine,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scenarios", nargs="+", default=["f", "g", "h"])
+    parser.add_argument("--schedules", nargs="+", type=int, help="their positions")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", UserWarning)
+    torch.set_num_threads(1)
+    reference = json.loads((HERE / "quality.json").read_text())
+    chosen = list(SCHEDULES.items())
+    if args.schedules:
+        chosen = [chosen[i] for i in args.schedules]
+    print("| schedule | scenario | SoftMerge | edge | captured | cost | epochs |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for scenario in args.scenarios:
+        data = {seed: members_for(scenario, seed, {}) for seed in args.seeds}
+        unit = {
+            seed: member_training_seconds(members[0], X, y)
+            for seed, (X, _, y, _, members) in data.items()
+        }
+        for name, (params, protocol) in chosen:
+            scores, costs, epochs = [], [], []
+            for seed, (X, X_test, y, y_test, members) in data.items():
+                merge = SoftMergeClassifier(members, random_state=seed, **params)
+                with PROTOCOLS[protocol]():
+                    start = time.perf_counter()
+                    merge.fit(X, y)
+                    costs.append((time.perf_counter() - start) / unit[seed])
+                scores.append(100 * merge.score(X_test, y_test))
+                epochs.append(str(merge.best_epoch_))
+            print(
+                f"| {name} | ({scenario}) | {np.mean(scores):.2f} | "
+                + _edge(reference.get(scenario), args.seeds, np.mean(scores))
+                + f" | {np.mean(costs):.2f} | {', '.join(epochs)} |",
+                flush=True,
+            )
+
+
+def _edge(rows, seeds, score):
+    """The edge over the best fixed rule and the share captured, from the
+    quality benchmark's rows of the same seeds ("-" where absent)."""
+    rows = {row["seed"]: row for row in rows or []}
+    if not all(seed in rows for seed in seeds):
+        return "- | -"
+    best = 100 * np.mean([rows[s]["best fixed rule"] for s in seeds])
+    room = 100 * np.mean([rows[s]["output ensemble"] for s in seeds]) - best
+    captured = f"{(score - best) / room:+.0%}" if room >= ROOM else "-"
+    return f"{score - best:+.2f} | {captured}"
+
+
+if __name__ == "__main__":
+    main()
