@@ -43,7 +43,7 @@ from unittest import mock
 
 import numpy as np
 import torch
-from quality import ROOM, member_training_seconds, members_for
+from quality import edge_and_captured, member_training_seconds, members_for
 
 import sk_softmerge._core._training as training
 import sk_softmerge._softmerge as softmerge
@@ -217,22 +217,24 @@ def main():
                 epochs.append(str(merge.best_epoch_))
             print(
                 f"| {name} | ({scenario}) | {np.mean(scores):.2f} | "
-                + _edge(reference.get(scenario), args.seeds, np.mean(scores))
+                + _edge(reference.get(scenario), args.seeds, scores)
                 + f" | {np.mean(costs):.2f} | {', '.join(epochs)} |",
                 flush=True,
             )
 
 
-def _edge(rows, seeds, score):
-    """The edge over the best fixed rule and the share captured, from the
-    quality benchmark's rows of the same seeds ("-" where absent)."""
+def _edge(rows, seeds, scores):
+    """The edge over the best fixed rule and the share captured
+    (``quality.edge_and_captured``), with the quality benchmark's rows of the
+    same seeds ("-" where absent) and these fits' scores in %."""
     rows = {row["seed"]: row for row in rows or []}
     if not all(seed in rows for seed in seeds):
         return "- | -"
-    best = 100 * np.mean([rows[s]["best fixed rule"] for s in seeds])
-    room = 100 * np.mean([rows[s]["output ensemble"] for s in seeds]) - best
-    captured = f"{(score - best) / room:+.0%}" if room >= ROOM else "-"
-    return f"{score - best:+.2f} | {captured}"
+    fits = zip(seeds, scores, strict=True)
+    edge, captured = edge_and_captured(
+        [{**rows[seed], "SoftMerge": score / 100} for seed, score in fits]
+    )
+    return f"{edge:+.2f} | " + ("-" if captured is None else f"{captured:+.0%}")
 
 
 if __name__ == "__main__":
