@@ -3,7 +3,7 @@ ensemble's gain each one captures, and what it costs.
 
 Every schedule is ``SoftMergeClassifier(members, random_state=seed, **params)``
 on the members of ``quality.py``'s scenarios, fit on all the training data,
-with one of these protocols for the final gates:
+with one of these protocols:
 
 - ``steps`` (the default): the final gates learn on all the data for as many
   steps as the folds' gates took in the chosen number of epochs;
@@ -15,27 +15,35 @@ with one of these protocols for the final gates:
   the log-alphas (a horizon of one epoch's steps), scored and kept in place of
   the last step's;
 - ``cosine``: the default, with the learning rate decayed to zero along a
-  cosine over each fit's steps.
+  cosine over each fit's steps;
+- ``open at 0``: the default, with the open gates of the start at log-alpha 0
+  instead of 3 (the same start; see :func:`open_at_zero`), alone or with
+  ``epochs``.
 
-The last four replace private functions of the package for the duration of a
-fit (``unittest.mock.patch``): they are experiments, not options. "best fixed
-rule" and "output ensemble" are read from ``quality.json`` (per seed, the same
-definitions as the quality section of RESULTS.md); "cost" is the fit's wall
-time over the training of one member for 25 epochs (``quality.py``'s unit), in
-this process::
+All but ``steps`` replace private functions of the package for the duration
+of a fit (``unittest.mock.patch``): they are experiments, not options. "best
+fixed rule" and "output ensemble" are read from ``quality.json`` (per seed, the
+same definitions as the quality section of RESULTS.md), and for other seeds
+from the rows of ``quality.py --json`` runs given to ``--reference``; "cost" is
+the fit's wall time over the training of one member for 25 epochs
+(``quality.py``'s unit), in this process::
 
     cd benchmarks && OMP_NUM_THREADS=1 python schedules.py --scenarios f g h
+    python quality.py --seeds 3 4 5 --scenarios h --json h345.json
+    python schedules.py --scenarios h --seeds 0 1 2 3 4 5 --reference h345.json
 
 Prints one Markdown row per schedule and scenario: SoftMerge's mean test
 accuracy over the seeds, its edge over the best fixed rule, the share captured
 (where the ensemble is at least one point above the best fixed rule), the mean
-cost and the epochs chosen per seed.
+cost, and per seed the epochs chosen and the test accuracy. ``--cache DIR``
+keeps every scenario's members between runs.
 """
 
 import argparse
 import contextlib
 import json
 import math
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -47,7 +55,8 @@ from quality import edge_and_captured, member_training_seconds, members_for
 
 import sk_softmerge._core._training as training
 import sk_softmerge._softmerge as softmerge
-from sk_softmerge import SoftMergeClassifier
+from sk_softmerge import SoftMerge, SoftMergeClassifier
+from sk_softmerge._core._merger import INIT_LOG_ALPHA
 
 HERE = Path(__file__).parent
 
@@ -67,11 +76,54 @@ SCHEDULES = {
     "12 epochs, lr 0.4, EMA": ({"lr": 0.4}, "EMA"),
     "12 epochs, lr 0.3, cosine": ({"lr": 0.3}, "cosine"),
     "20 epochs, lr 0.2, cosine": ({"max_epochs": 20}, "cosine"),
+    "12 epochs, lr 0.2, open at 0, steps": ({}, "open at 0"),
+    "12 epochs, lr 0.2, open at 0, epochs": ({}, "open at 0, epochs"),
+    "activation matching, 12 epochs, lr 0.2, steps": (
+        {"align": "activation_matching"},
+        "steps",
+    ),
+    "30 epochs, lr 0.1, batch 256, epochs": (
+        {"max_epochs": 30, "lr": 0.1, "batch_size": 256},
+        "epochs",
+    ),
+    "30 epochs, lr 0.15, batch 256, epochs": (
+        {"max_epochs": 30, "lr": 0.15, "batch_size": 256},
+        "epochs",
+    ),
+    "30 epochs, lr 0.2, batch 512, epochs": (
+        {"max_epochs": 30, "lr": 0.2, "batch_size": 512},
+        "epochs",
+    ),
+    "20 epochs, lr 0.1, batch 256, epochs": (
+        {"max_epochs": 20, "lr": 0.1, "batch_size": 256},
+        "epochs",
+    ),
     "cv=None, 60 epochs, lr 0.05 (the earlier default)": (
         {"cv": None, "max_epochs": 60, "lr": 0.05},
         "steps",
     ),
 }
+
+
+def open_at_zero():
+    """Open gates start at log-alpha 0 instead of 3, closed ones at -3 as
+    before: the same start (a unit's mixing weights are its gates over their
+    sum, so equal open gates give the same mix), but a sampled open gate is
+    clamped at 1, where it has no gradient, in 17% of draws instead of 80%."""
+    start_from = SoftMerge.start_from
+
+    def starting(self, gates, magnitude=INIT_LOG_ALPHA):
+        start_from(self, gates, magnitude)
+        self.set_log_alpha(self.log_alpha.detach().clamp(max=0.0))
+
+    return mock.patch.object(SoftMerge, "start_from", starting)
+
+
+@contextlib.contextmanager
+def open_at_zero_same_epochs():
+    """Both :func:`open_at_zero` and :func:`same_epochs`."""
+    with open_at_zero(), same_epochs():
+        yield
 
 
 def same_epochs():
@@ -182,6 +234,8 @@ PROTOCOLS = {
     "fold average": fold_average,
     "EMA": moving_average,
     "cosine": cosine,
+    "open at 0": open_at_zero,
+    "open at 0, epochs": open_at_zero_same_epochs,
 }
 
 
@@ -190,17 +244,41 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scenarios", nargs="+", default=["f", "g", "h"])
     parser.add_argument("--schedules", nargs="+", type=int, help="their positions")
+    parser.add_argument(
+        "--reference",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="more per-seed rows of the quality benchmark (quality.py --json), "
+        "for seeds that quality.json lacks",
+    )
+    parser.add_argument(
+        "--cache", type=Path, help="keep each scenario's members in this folder"
+    )
+    parser.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="fit with random_state=seed + OFFSET (other folds and gate noise, "
+        "the same members)",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(1)
     reference = json.loads((HERE / "quality.json").read_text())
+    for path in args.reference:
+        for scenario, rows in json.loads(Path(path).read_text())["results"].items():
+            reference.setdefault(scenario, []).extend(rows)
     chosen = list(SCHEDULES.items())
     if args.schedules:
         chosen = [chosen[i] for i in args.schedules]
-    print("| schedule | scenario | SoftMerge | edge | captured | cost | epochs |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| schedule | scenario | SoftMerge | edge | captured | cost | epochs "
+        "| SoftMerge per seed |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for scenario in args.scenarios:
-        data = {seed: members_for(scenario, seed, {}) for seed in args.seeds}
+        data = {seed: _members(scenario, seed, args.cache) for seed in args.seeds}
         unit = {
             seed: member_training_seconds(members[0], X, y)
             for seed, (X, _, y, _, members) in data.items()
@@ -208,7 +286,9 @@ def main():
         for name, (params, protocol) in chosen:
             scores, costs, epochs = [], [], []
             for seed, (X, X_test, y, y_test, members) in data.items():
-                merge = SoftMergeClassifier(members, random_state=seed, **params)
+                merge = SoftMergeClassifier(
+                    members, random_state=seed + args.offset, **params
+                )
                 with PROTOCOLS[protocol]():
                     start = time.perf_counter()
                     merge.fit(X, y)
@@ -218,9 +298,22 @@ def main():
             print(
                 f"| {name} | ({scenario}) | {np.mean(scores):.2f} | "
                 + _edge(reference.get(scenario), args.seeds, scores)
-                + f" | {np.mean(costs):.2f} | {', '.join(epochs)} |",
+                + f" | {np.mean(costs):.2f} | {', '.join(epochs)} | "
+                + " / ".join(f"{score:.1f}" for score in scores)
+                + " |",
                 flush=True,
             )
+
+
+def _members(scenario, seed, cache):
+    """``quality.members_for``, kept in the folder ``cache`` (if given)."""
+    if cache is None:
+        return members_for(scenario, seed, {})
+    path = cache / f"{scenario}{seed}.pkl"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(members_for(scenario, seed, {})))
+    return pickle.loads(path.read_bytes())
 
 
 def _edge(rows, seeds, scores):
