@@ -470,8 +470,9 @@ class SoftMergeClassifier(MemberClassifierMixin, _SoftMergeBase):
         every epoch and every fixed rule are scored on the fold left out. The
         pooled out-of-fold losses choose the number of epochs, the pooled
         out-of-fold errors whether the learned merge or a fixed rule is kept
-        (see Notes); the final gates then learn on all of ``(X, y)`` for that
-        many epochs. Every sample both teaches the gates and checks them.
+        (see Notes); the final gates then learn on all of ``(X, y)`` for as
+        many steps as the folds' gates took in that many epochs. Every sample
+        both teaches the gates and checks them.
         ``None`` holds out ``validation_fraction`` instead.
     validation_fraction : float, default=0.2
         With ``cv=None``: the fraction of ``(X, y)`` held out, stratified, to
@@ -759,8 +760,9 @@ class SoftMergeRegressor(MemberRegressorMixin, _SoftMergeBase):
         every epoch and every fixed rule are scored on the fold left out. The
         pooled out-of-fold losses choose the number of epochs, the pooled
         out-of-fold errors whether the learned merge or a fixed rule is kept
-        (see Notes); the final gates then learn on all of ``(X, y)`` for that
-        many epochs. Every sample both teaches the gates and checks them.
+        (see Notes); the final gates then learn on all of ``(X, y)`` for as
+        many steps as the folds' gates took in that many epochs. Every sample
+        both teaches the gates and checks them.
         ``None`` holds out ``validation_fraction`` instead.
     validation_fraction : float, default=0.2
         With ``cv=None``: the fraction of ``(X, y)`` held out, at random, to
