@@ -285,7 +285,7 @@ def main():
         }
         for name, (params, protocol) in chosen:
             try:
-                scores, costs, epochs = _fits(data, unit, params, protocol, args)
+                scores, costs, epochs = _fits(data, unit, params, protocol, args.offset)
             except ValueError as error:  # e.g. align= on attention layers
                 print(f"| {name} | ({scenario}) | {error} |", flush=True)
                 continue
@@ -299,11 +299,12 @@ def main():
             )
 
 
-def _fits(data, unit, params, protocol, args):
-    """Test accuracy in %, cost and epochs chosen of one schedule, per seed."""
+def _fits(data, unit, params, protocol, offset):
+    """Test accuracy in %, cost and epochs chosen of one schedule, per seed,
+    fit with ``random_state=seed + offset``."""
     scores, costs, epochs = [], [], []
     for seed, (X, X_test, y, y_test, members) in data.items():
-        merge = SoftMergeClassifier(members, random_state=seed + args.offset, **params)
+        merge = SoftMergeClassifier(members, random_state=seed + offset, **params)
         with PROTOCOLS[protocol]():
             start = time.perf_counter()
             merge.fit(X, y)
