@@ -18,7 +18,12 @@ with one of these protocols:
   cosine over each fit's steps;
 - ``open at 0``: the default, with the open gates of the start at log-alpha 0
   instead of 3 (the same start; see :func:`open_at_zero`), alone or with
-  ``epochs``.
+  ``epochs``;
+- ``distilled, epochs``: ``epochs``, with the gates learning toward the
+  members' output ensemble as well as the labels (see :func:`distilled`);
+- ``open at 0, epochs, accuracy guard``: ``open at 0, epochs``, the learned
+  merge kept only if its out-of-fold accuracy is at least its start's (see
+  :func:`accuracy_guard`).
 
 All but ``steps`` replace private functions of the package for the duration
 of a fit (``unittest.mock.patch``): they are experiments, not options. "best
@@ -101,6 +106,11 @@ SCHEDULES = {
     "cv=None, 60 epochs, lr 0.05 (the earlier default)": (
         {"cv": None, "max_epochs": 60, "lr": 0.05},
         "steps",
+    ),
+    "12 epochs, lr 0.2, distilled, epochs": ({}, "distilled, epochs"),
+    "12 epochs, lr 0.2, open at 0, epochs, accuracy guard": (
+        {},
+        "open at 0, epochs, accuracy guard",
     ),
 }
 
@@ -228,6 +238,98 @@ def cosine():
         yield
 
 
+DISTILLED_SHARE = 0.5
+"""Weight of the output ensemble's probabilities in the targets of
+:func:`distilled`; the labels' one-hot vectors have the rest."""
+
+
+@contextlib.contextmanager
+def distilled():
+    """Every fit's gates learn toward the output ensemble as well as the
+    labels: the cross-entropy of the merge's output against targets of
+    ``1 - DISTILLED_SHARE`` times the label's one-hot vector plus
+    ``DISTILLED_SHARE`` times the members' mean predicted probabilities
+    (knowledge distillation from the K-pass ensemble, whose probabilities are
+    computed once per fit). The folds' out-of-fold losses and every check stay
+    on the labels. Members must be trained with ``CrossEntropyLoss``."""
+    learn, found = SoftMergeClassifier._learn, {}
+
+    def learning(self, fit, X, y, **kwargs):
+        if found.get("X") is not X:  # once per fit: its folds share X
+            found.update(X=X, ensemble=_ensemble_probabilities(self, X))
+        ensemble, share = found["ensemble"], DISTILLED_SHARE
+        labels = torch.nn.functional.one_hot(y.long(), ensemble.shape[1])
+        targets = (1 - share) * labels.to(ensemble) + share * ensemble
+        return learn(self, fit, X, targets, **kwargs)
+
+    with mock.patch.object(SoftMergeClassifier, "_learn", learning):
+        yield
+
+
+def _ensemble_probabilities(estimator, X):
+    """Mean predicted probabilities on ``X`` of ``estimator``'s members
+    without NaN or inf, on ``X``'s device."""
+    members = [net for net in estimator.named_estimators_.values()]
+    usable = [
+        net for i, net in enumerate(members) if i not in estimator.excluded_estimators_
+    ]
+    for net in usable:
+        if not isinstance(net.criterion_, torch.nn.CrossEntropyLoss):
+            raise ValueError(
+                "distillation needs members trained with CrossEntropyLoss; "
+                f"got {type(net.criterion_).__name__}"
+            )
+    X_host = X.cpu().numpy()
+    probabilities = np.mean([net.predict_proba(X_host) for net in usable], axis=0)
+    return torch.as_tensor(probabilities, dtype=torch.float32, device=X.device)
+
+
+@contextlib.contextmanager
+def distilled_same_epochs():
+    """Both :func:`distilled` and :func:`same_epochs`."""
+    with distilled(), same_epochs():
+        yield
+
+
+@contextlib.contextmanager
+def accuracy_guard():
+    """The learned merge is kept only if its pooled out-of-fold accuracy is
+    at least that of the rule the folds started from (when every fold started
+    from the same rule), not only when no fixed rule beats it significantly:
+    a merge whose out-of-fold loss fell while its accuracy fell too gives way
+    to the start."""
+    cross_fit, choose, found = softmerge.cross_fit, softmerge.choose_lowest_loss, {}
+
+    def recording(*args, **kwargs):
+        found["result"] = cross_fit(*args, **kwargs)
+        return found["result"]
+
+    def guarded(losses, default):
+        name = choose(losses, default)
+        result = found.pop("result", None)
+        if result is None or name != softmerge.SOFT_MERGE:
+            return name
+        starts = {fold.start.name for fold in result.folds}
+        learned = result.errors[name]
+        start = result.errors.get(starts.pop()) if len(starts) == 1 else None
+        if learned is None or start is None or learned.mean() <= start.mean():
+            return name
+        return result.folds[0].start.name
+
+    with (
+        mock.patch.object(softmerge, "cross_fit", recording),
+        mock.patch.object(softmerge, "choose_lowest_loss", guarded),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def open_at_zero_same_epochs_guarded():
+    """:func:`open_at_zero`, :func:`same_epochs` and :func:`accuracy_guard`."""
+    with open_at_zero(), same_epochs(), accuracy_guard():
+        yield
+
+
 PROTOCOLS = {
     "steps": contextlib.nullcontext,
     "epochs": same_epochs,
@@ -236,6 +338,8 @@ PROTOCOLS = {
     "cosine": cosine,
     "open at 0": open_at_zero,
     "open at 0, epochs": open_at_zero_same_epochs,
+    "distilled, epochs": distilled_same_epochs,
+    "open at 0, epochs, accuracy guard": open_at_zero_same_epochs_guarded,
 }
 
 
