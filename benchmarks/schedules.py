@@ -3,30 +3,29 @@ ensemble's gain each one captures, and what it costs.
 
 Every schedule is ``SoftMergeClassifier(members, random_state=seed, **params)``
 on the members of ``quality.py``'s scenarios, fit on all the training data,
-with one of these protocols, named by where the open gates start and how long
-the final gates learn on all the data:
+with one of these protocols:
 
-- ``open at 0, epochs`` (the default since issue 23): the open gates of the
-  start at log-alpha 0, the final gates for as many epochs as the folds chose;
-- ``steps`` (the earlier default): open gates at log-alpha 3, the final gates
-  for as many steps as the folds' gates took in the chosen number of epochs
-  (half the epochs with ``cv=2``);
-- ``epochs``: open gates at 3, final gates for the folds' epochs;
-- ``open at 0``: open gates at 0, final gates for the folds' steps;
-- ``fold average``: open gates at 3, no final learning; the final log-alphas
-  are the mean of the folds' at the chosen epoch;
-- ``EMA``: ``steps``, but every fit keeps an exponential moving average of
+- ``steps`` (the default): the final gates learn on all the data for as many
+  steps as the folds' gates took in the chosen number of epochs;
+- ``epochs``: for as many epochs as the folds chose (twice the steps with
+  ``cv=2``);
+- ``fold average``: no final learning; the final log-alphas are the mean of
+  the folds' at the chosen epoch;
+- ``EMA``: the default, but every fit keeps an exponential moving average of
   the log-alphas (a horizon of one epoch's steps), scored and kept in place of
   the last step's;
-- ``cosine``: ``steps``, with the learning rate decayed to zero along a
+- ``cosine``: the default, with the learning rate decayed to zero along a
   cosine over each fit's steps;
+- ``open at 0``: the default, with the open gates of the start at log-alpha 0
+  instead of 3 (the same start; see :func:`open_at_zero`), alone or with
+  ``epochs``;
 - ``distilled, epochs``: ``epochs``, with the gates learning toward the
   members' output ensemble as well as the labels (see :func:`distilled`);
-- ``open at 0, epochs, accuracy guard``: the default, the learned merge kept
-  only if its out-of-fold accuracy is at least its start's (see
+- ``open at 0, epochs, accuracy guard``: ``open at 0, epochs``, the learned
+  merge kept only if its out-of-fold accuracy is at least its start's (see
   :func:`accuracy_guard`).
 
-All but the default replace private functions of the package for the duration
+All but ``steps`` replace private functions of the package for the duration
 of a fit (``unittest.mock.patch``): they are experiments, not options. "best
 fixed rule" and "output ensemble" are read from ``quality.json`` (per seed, the
 same definitions as the quality section of RESULTS.md), and for other seeds
@@ -61,13 +60,13 @@ from quality import edge_and_captured, member_training_seconds, members_for
 
 import sk_softmerge._core._training as training
 import sk_softmerge._softmerge as softmerge
-from sk_softmerge import SoftMergeClassifier
+from sk_softmerge import SoftMerge, SoftMergeClassifier
 from sk_softmerge._core._merger import INIT_LOG_ALPHA
 
 HERE = Path(__file__).parent
 
 SCHEDULES = {
-    "earlier default (cv=2, 12 epochs, lr 0.2, steps)": ({}, "steps"),
+    "default (cv=2, 12 epochs, lr 0.2, steps)": ({}, "steps"),
     "12 epochs, lr 0.2, epochs": ({}, "epochs"),
     "16 epochs, lr 0.2, epochs": ({"max_epochs": 16}, "epochs"),
     "20 epochs, lr 0.15, epochs": ({"max_epochs": 20, "lr": 0.15}, "epochs"),
@@ -83,10 +82,7 @@ SCHEDULES = {
     "12 epochs, lr 0.3, cosine": ({"lr": 0.3}, "cosine"),
     "20 epochs, lr 0.2, cosine": ({"max_epochs": 20}, "cosine"),
     "12 epochs, lr 0.2, open at 0, steps": ({}, "open at 0"),
-    "12 epochs, lr 0.2, open at 0, epochs (the default)": (
-        {},
-        "open at 0, epochs",
-    ),
+    "12 epochs, lr 0.2, open at 0, epochs": ({}, "open at 0, epochs"),
     "activation matching, 12 epochs, lr 0.2, steps": (
         {"align": "activation_matching"},
         "steps",
@@ -119,37 +115,30 @@ SCHEDULES = {
 }
 
 
-def open_at_three():
-    """The open gates of the start at log-alpha 3 (deterministic gates of
-    exactly 1), as before issue 23, instead of 0: the same start (a unit's
-    mixing weights are its gates over their sum), but a gate drawn during
-    training is clamped at 1, where it has no gradient, in 80% of draws
-    instead of 17%."""
-    return mock.patch.object(softmerge, "OPEN_START_LOG_ALPHA", INIT_LOG_ALPHA)
+def open_at_zero():
+    """Open gates start at log-alpha 0 instead of 3, closed ones at -3 as
+    before: the same start (a unit's mixing weights are its gates over their
+    sum, so equal open gates give the same mix), but a sampled open gate is
+    clamped at 1, where it has no gradient, in 17% of draws instead of 80%."""
+    start_from = SoftMerge.start_from
+
+    def starting(self, gates, magnitude=INIT_LOG_ALPHA):
+        start_from(self, gates, magnitude)
+        self.set_log_alpha(self.log_alpha.detach().clamp(max=0.0))
+
+    return mock.patch.object(SoftMerge, "start_from", starting)
 
 
 @contextlib.contextmanager
-def final_steps():
-    """The final gates learn for as many steps as the folds' gates took in
-    the chosen epochs (rounded, at least one epoch), not for as many epochs."""
-    learn = softmerge._Samples.learn
-
-    def learning(self, index, max_epochs, after_epoch):
-        if after_epoch is None and max_epochs > 0:  # the final gates
-            splits = self._fit.data.splits
-            share = np.mean([len(train) for train, _ in splits]) / self.n_samples
-            max_epochs = max(1, round(max_epochs * share))
-        return learn(self, index, max_epochs, after_epoch)
-
-    with mock.patch.object(softmerge._Samples, "learn", learning):
+def open_at_zero_same_epochs():
+    """Both :func:`open_at_zero` and :func:`same_epochs`."""
+    with open_at_zero(), same_epochs():
         yield
 
 
-@contextlib.contextmanager
-def earlier_default():
-    """Both :func:`open_at_three` and :func:`final_steps`."""
-    with open_at_three(), final_steps():
-        yield
+def same_epochs():
+    """The final gates learn for the folds' chosen epochs, not steps."""
+    return mock.patch.object(softmerge, "_final_epochs", lambda best, *_: best)
 
 
 @contextlib.contextmanager
@@ -296,6 +285,13 @@ def _ensemble_probabilities(estimator, X):
 
 
 @contextlib.contextmanager
+def distilled_same_epochs():
+    """Both :func:`distilled` and :func:`same_epochs`."""
+    with distilled(), same_epochs():
+        yield
+
+
+@contextlib.contextmanager
 def accuracy_guard():
     """The learned merge is kept only if its pooled out-of-fold accuracy is
     at least that of the rule the folds started from (when every fold started
@@ -327,29 +323,23 @@ def accuracy_guard():
         yield
 
 
-def _together(*protocols):
-    """A protocol that applies all of ``protocols``."""
-
-    @contextlib.contextmanager
-    def protocol():
-        with contextlib.ExitStack() as stack:
-            for each in protocols:
-                stack.enter_context(each())
-            yield
-
-    return protocol
+@contextlib.contextmanager
+def open_at_zero_same_epochs_guarded():
+    """:func:`open_at_zero`, :func:`same_epochs` and :func:`accuracy_guard`."""
+    with open_at_zero(), same_epochs(), accuracy_guard():
+        yield
 
 
 PROTOCOLS = {
-    "open at 0, epochs": contextlib.nullcontext,
-    "steps": earlier_default,
-    "epochs": open_at_three,
-    "open at 0": final_steps,
-    "fold average": _together(open_at_three, fold_average),
-    "EMA": _together(earlier_default, moving_average),
-    "cosine": _together(earlier_default, cosine),
-    "distilled, epochs": _together(open_at_three, distilled),
-    "open at 0, epochs, accuracy guard": accuracy_guard,
+    "steps": contextlib.nullcontext,
+    "epochs": same_epochs,
+    "fold average": fold_average,
+    "EMA": moving_average,
+    "cosine": cosine,
+    "open at 0": open_at_zero,
+    "open at 0, epochs": open_at_zero_same_epochs,
+    "distilled, epochs": distilled_same_epochs,
+    "open at 0, epochs, accuracy guard": open_at_zero_same_epochs_guarded,
 }
 
 
