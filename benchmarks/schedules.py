@@ -156,13 +156,6 @@ def _together(*protocols):
     return protocol
 
 
-@contextlib.contextmanager
-def open_at_zero_same_epochs():
-    """Both :func:`open_at_zero` and :func:`same_epochs`."""
-    with open_at_zero(), same_epochs():
-        yield
-
-
 def same_epochs():
     """The final gates learn for the folds' chosen epochs, not steps."""
     return mock.patch.object(softmerge, "_final_epochs", lambda best, *_: best)
@@ -171,12 +164,7 @@ def same_epochs():
 @contextlib.contextmanager
 def fold_average():
     """The final log-alphas are the folds' mean at the chosen epoch."""
-    found = {}
-    cross_fit, learn = softmerge.cross_fit, softmerge._Samples.learn
-
-    def recording(*args, **kwargs):
-        found["result"] = cross_fit(*args, **kwargs)
-        return found["result"]
+    found, learn = {}, softmerge._Samples.learn
 
     def final(self, index, max_epochs, after_epoch):
         if after_epoch is not None:  # a fold's learning
@@ -188,10 +176,21 @@ def fold_average():
         return training.GateTraining()
 
     with (
-        mock.patch.object(softmerge, "cross_fit", recording),
+        _recording_cross_fit(found),
         mock.patch.object(softmerge._Samples, "learn", final),
     ):
         yield
+
+
+def _recording_cross_fit(found):
+    """Patch ``cross_fit`` to keep each fit's result in ``found["result"]``."""
+    cross_fit = softmerge.cross_fit
+
+    def recording(*args, **kwargs):
+        found["result"] = cross_fit(*args, **kwargs)
+        return found["result"]
+
+    return mock.patch.object(softmerge, "cross_fit", recording)
 
 
 def _steps(X, kwargs):
@@ -296,7 +295,7 @@ def distilled():
 def _ensemble_probabilities(estimator, X):
     """Mean predicted probabilities on ``X`` of ``estimator``'s members
     without NaN or inf, on ``X``'s device."""
-    members = [net for net in estimator.named_estimators_.values()]
+    members = estimator.named_estimators_.values()
     usable = [
         net for i, net in enumerate(members) if i not in estimator.excluded_estimators_
     ]
@@ -312,24 +311,13 @@ def _ensemble_probabilities(estimator, X):
 
 
 @contextlib.contextmanager
-def distilled_same_epochs():
-    """Both :func:`distilled` and :func:`same_epochs`."""
-    with distilled(), same_epochs():
-        yield
-
-
-@contextlib.contextmanager
 def accuracy_guard():
     """The learned merge is kept only if its pooled out-of-fold accuracy is
     at least that of the rule the folds started from (when every fold started
     from the same rule), not only when no fixed rule beats it significantly:
     a merge whose out-of-fold loss fell while its accuracy fell too gives way
     to the start."""
-    cross_fit, choose, found = softmerge.cross_fit, softmerge.choose_lowest_loss, {}
-
-    def recording(*args, **kwargs):
-        found["result"] = cross_fit(*args, **kwargs)
-        return found["result"]
+    choose, found = softmerge.choose_lowest_loss, {}
 
     def guarded(losses, default):
         name = choose(losses, default)
@@ -344,16 +332,9 @@ def accuracy_guard():
         return result.folds[0].start.name
 
     with (
-        mock.patch.object(softmerge, "cross_fit", recording),
+        _recording_cross_fit(found),
         mock.patch.object(softmerge, "choose_lowest_loss", guarded),
     ):
-        yield
-
-
-@contextlib.contextmanager
-def open_at_zero_same_epochs_guarded():
-    """:func:`open_at_zero`, :func:`same_epochs` and :func:`accuracy_guard`."""
-    with open_at_zero(), same_epochs(), accuracy_guard():
         yield
 
 
@@ -364,9 +345,11 @@ PROTOCOLS = {
     "EMA": moving_average,
     "cosine": cosine,
     "open at 0": open_at_zero,
-    "open at 0, epochs": open_at_zero_same_epochs,
-    "distilled, epochs": distilled_same_epochs,
-    "open at 0, epochs, accuracy guard": open_at_zero_same_epochs_guarded,
+    "open at 0, epochs": _together(open_at_zero, same_epochs),
+    "distilled, epochs": _together(distilled, same_epochs),
+    "open at 0, epochs, accuracy guard": _together(
+        open_at_zero, same_epochs, accuracy_guard
+    ),
     "open at 1.5": open_at(1.5),
     "open at 1.5, epochs": _together(open_at(1.5), same_epochs),
 }
