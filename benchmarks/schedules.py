@@ -3,31 +3,34 @@ ensemble's gain each one captures, and what it costs.
 
 Every schedule is ``SoftMergeClassifier(members, random_state=seed, **params)``
 on the members of ``quality.py``'s scenarios, fit on all the training data,
-with one of these protocols:
+with one of these protocols, named by where the open gates of the start sit
+and how long the final gates learn on all the data:
 
-- ``steps`` (the default): the final gates learn on all the data for as many
-  steps as the folds' gates took in the chosen number of epochs;
-- ``epochs``: for as many epochs as the folds chose (twice the steps with
-  ``cv=2``);
-- ``fold average``: no final learning; the final log-alphas are the mean of
-  the folds' at the chosen epoch;
-- ``EMA``: the default, but every fit keeps an exponential moving average of
+- ``open at 1.5, epochs`` (the default since issue 23): the open gates of the
+  start at log-alpha 1.5, the final gates for as many epochs as the folds
+  chose;
+- ``steps`` (the earlier default): open gates at log-alpha 3, the final gates
+  for as many steps as the folds' gates took in the chosen number of epochs
+  (half the epochs with ``cv=2``);
+- ``epochs``: open gates at 3, final gates for the folds' epochs;
+- ``open at 0`` and ``open at 1.5``: open gates at 0 or 1.5, final gates for
+  the folds' steps; with ``, epochs``, for their epochs (see :func:`open_at`);
+- ``fold average``: open gates at 3, no final learning; the final log-alphas
+  are the mean of the folds' at the chosen epoch;
+- ``EMA``: ``steps``, but every fit keeps an exponential moving average of
   the log-alphas (a horizon of one epoch's steps), scored and kept in place of
   the last step's;
-- ``cosine``: the default, with the learning rate decayed to zero along a
+- ``cosine``: ``steps``, with the learning rate decayed to zero along a
   cosine over each fit's steps;
-- ``open at 0``: the default, with the open gates of the start at log-alpha 0
-  instead of 3 (the same start; see :func:`open_at_zero`), alone or with
-  ``epochs``;
 - ``distilled, epochs``: ``epochs``, with the gates learning toward the
   members' output ensemble as well as the labels (see :func:`distilled`);
-- ``open at 1.5``: the default, with the open gates of the start at
-  log-alpha 1.5, alone or with ``epochs``;
 - ``open at 0, epochs, accuracy guard``: ``open at 0, epochs``, the learned
   merge kept only if its out-of-fold accuracy is at least its start's (see
-  :func:`accuracy_guard`).
+  :func:`accuracy_guard`);
+- ``cascade``: ``open at 0, epochs``, and where no epoch of it beats the start
+  out of fold, ``steps`` (see :func:`cascade`).
 
-All but ``steps`` replace private functions of the package for the duration
+All but the default replace private functions of the package for the duration
 of a fit (``unittest.mock.patch``): they are experiments, not options. "best
 fixed rule" and "output ensemble" are read from ``quality.json`` (per seed, the
 same definitions as the quality section of RESULTS.md), and for other seeds
@@ -62,13 +65,13 @@ from quality import edge_and_captured, member_training_seconds, members_for
 
 import sk_softmerge._core._training as training
 import sk_softmerge._softmerge as softmerge
-from sk_softmerge import SoftMerge, SoftMergeClassifier
+from sk_softmerge import SoftMergeClassifier
 from sk_softmerge._core._merger import INIT_LOG_ALPHA
 
 HERE = Path(__file__).parent
 
 SCHEDULES = {
-    "default (cv=2, 12 epochs, lr 0.2, steps)": ({}, "steps"),
+    "earlier default (cv=2, 12 epochs, lr 0.2, steps)": ({}, "steps"),
     "12 epochs, lr 0.2, epochs": ({}, "epochs"),
     "16 epochs, lr 0.2, epochs": ({"max_epochs": 16}, "epochs"),
     "20 epochs, lr 0.15, epochs": ({"max_epochs": 20, "lr": 0.15}, "epochs"),
@@ -115,32 +118,29 @@ SCHEDULES = {
         "open at 0, epochs, accuracy guard",
     ),
     "12 epochs, lr 0.2, open at 1.5, steps": ({}, "open at 1.5"),
-    "12 epochs, lr 0.2, open at 1.5, epochs": ({}, "open at 1.5, epochs"),
+    "12 epochs, lr 0.2, open at 1.5, epochs (the default)": (
+        {},
+        "open at 1.5, epochs",
+    ),
+    "12 epochs, lr 0.2, REPAIR, steps": ({"repair": True}, "steps"),
+    "12 epochs, lr 0.2, cascade: open at 0, epochs, else the earlier default": (
+        {},
+        "cascade",
+    ),
 }
 
 
 def open_at(log_alpha):
-    """A protocol: the open gates of the start at ``log_alpha`` instead of 3,
-    closed ones at -3 as before. The same start (a unit's mixing weights are
-    its gates over their sum, so equal open gates give the same mix), but a
-    sampled open gate is clamped at 1, where it has no gradient, less often:
-    in 80% of draws at 3, 48% at 1.5, 17% at 0."""
+    """A protocol: the open gates of the start at ``log_alpha`` (the default
+    1.5), closed ones at -3 as always. The same start (a unit's mixing weights
+    are its gates over their sum, so equal open gates give the same mix), but
+    a sampled open gate is clamped at 1, where it has no gradient, in 80% of
+    draws at 3, 48% at 1.5, 17% at 0."""
 
     def protocol():
-        start_from = SoftMerge.start_from
-
-        def starting(self, gates, magnitude=INIT_LOG_ALPHA):
-            start_from(self, gates, magnitude)
-            self.set_log_alpha(self.log_alpha.detach().clamp(max=log_alpha))
-
-        return mock.patch.object(SoftMerge, "start_from", starting)
+        return mock.patch.object(softmerge, "OPEN_START_LOG_ALPHA", log_alpha)
 
     return protocol
-
-
-def open_at_zero():
-    """Open gates start at log-alpha 0 instead of 3 (:func:`open_at`)."""
-    return open_at(0.0)()
 
 
 def _together(*protocols):
@@ -156,9 +156,22 @@ def _together(*protocols):
     return protocol
 
 
-def same_epochs():
-    """The final gates learn for the folds' chosen epochs, not steps."""
-    return mock.patch.object(softmerge, "_final_epochs", lambda best, *_: best)
+@contextlib.contextmanager
+def final_steps(when=lambda: True):
+    """The final gates learn for as many steps as the folds' gates took in
+    the chosen epochs (rounded, at least one epoch), not for as many epochs
+    (while ``when()`` is true)."""
+    learn = softmerge._Samples.learn
+
+    def learning(self, index, max_epochs, after_epoch):
+        if after_epoch is None and max_epochs > 0 and when():  # the final gates
+            splits = self._fit.data.splits
+            share = np.mean([len(train) for train, _ in splits]) / self.n_samples
+            max_epochs = max(1, round(max_epochs * share))
+        return learn(self, index, max_epochs, after_epoch)
+
+    with mock.patch.object(softmerge._Samples, "learn", learning):
+        yield
 
 
 @contextlib.contextmanager
@@ -338,20 +351,46 @@ def accuracy_guard():
         yield
 
 
+@contextlib.contextmanager
+def cascade(first=0.0):
+    """Cross-fit with the open gates at ``first`` (final gates for the folds'
+    epochs); where no epoch beats the start significantly out of fold,
+    cross-fit again as the earlier default did (open gates at 3, final gates
+    for the folds' steps)."""
+    cross_fit, fallback = softmerge.cross_fit, {"on": False}
+
+    def cascading(*args, **kwargs):
+        fallback["on"] = False
+        result = cross_fit(*args, **{**kwargs, "open_log_alpha": first})
+        if result.best_epoch == 0:
+            fallback["on"] = True
+            softmerge.OPEN_START_LOG_ALPHA = INIT_LOG_ALPHA  # the final start
+            result = cross_fit(*args, **{**kwargs, "open_log_alpha": INIT_LOG_ALPHA})
+        return result
+
+    with (
+        open_at(first)(),  # restores the constant on exit
+        mock.patch.object(softmerge, "cross_fit", cascading),
+        final_steps(lambda: fallback["on"]),
+    ):
+        yield
+
+
+EARLIER = _together(open_at(INIT_LOG_ALPHA), final_steps)
+
 PROTOCOLS = {
-    "steps": contextlib.nullcontext,
-    "epochs": same_epochs,
-    "fold average": fold_average,
-    "EMA": moving_average,
-    "cosine": cosine,
-    "open at 0": open_at_zero,
-    "open at 0, epochs": _together(open_at_zero, same_epochs),
-    "distilled, epochs": _together(distilled, same_epochs),
-    "open at 0, epochs, accuracy guard": _together(
-        open_at_zero, same_epochs, accuracy_guard
-    ),
-    "open at 1.5": open_at(1.5),
-    "open at 1.5, epochs": _together(open_at(1.5), same_epochs),
+    "open at 1.5, epochs": contextlib.nullcontext,
+    "steps": EARLIER,
+    "epochs": open_at(INIT_LOG_ALPHA),
+    "fold average": _together(open_at(INIT_LOG_ALPHA), fold_average),
+    "EMA": _together(EARLIER, moving_average),
+    "cosine": _together(EARLIER, cosine),
+    "open at 0": _together(open_at(0.0), final_steps),
+    "open at 0, epochs": open_at(0.0),
+    "distilled, epochs": _together(open_at(INIT_LOG_ALPHA), distilled),
+    "open at 0, epochs, accuracy guard": _together(open_at(0.0), accuracy_guard),
+    "open at 1.5": _together(open_at(1.5), final_steps),
+    "cascade": cascade,
 }
 
 

@@ -8,8 +8,7 @@ fold left out. Each sample is then scored once by a merge that did not learn
 from it: the pooled out-of-fold losses choose the number of epochs, and the
 pooled out-of-fold errors tell whether the learned merge beats the best fixed
 rule, on all the samples rather than on a held-out fifth. The final gates then
-learn on every sample, by the same procedure, for as many steps as the folds'
-gates took in the chosen number of epochs.
+learn on every sample, by the same procedure, for the chosen number of epochs.
 
 This is sound for the same reason as cross-validated model selection: what is
 checked is the procedure, not one set of gates, and the final gates come from
@@ -92,7 +91,7 @@ def cross_fit(
     held_out_losses: Callable[[np.ndarray], np.ndarray | None],
     merge_errors: Callable[[torch.Tensor, np.ndarray], np.ndarray | None],
     max_epochs: int,
-    magnitude: float,
+    open_log_alpha: float,
     choosing: Callable[[np.ndarray], np.ndarray] | None = None,
     name: str = "soft merge",
 ) -> CrossFit:
@@ -121,8 +120,8 @@ def cross_fit(
         ``gates`` on the samples ``index``, or ``None``.
     max_epochs : int
         Epochs of learning on every fold.
-    magnitude : float
-        Starting log-alpha magnitude (:meth:`SoftMerge.start_from`).
+    open_log_alpha : float
+        Starting log-alpha of the open gates (:meth:`SoftMerge.start_from`).
     choosing : callable, default=None
         ``choosing(train)``: the samples of a fold's training part that choose
         its fixed rules (the start and the greedy soup's ingredients); ``None``
@@ -145,7 +144,7 @@ def cross_fit(
             train if choosing is None else choosing(train)
         )
         start = choose_start(candidates, errors)
-        merger.start_from(start.gates, magnitude)
+        merger.start_from(start.gates, open_log_alpha)
         fold = Fold(test, start, soup, [], [])
 
         def record(epoch, fold=fold):

@@ -96,7 +96,9 @@ class TestValidationFallback:
         merge = fit_quietly(merge, X_train, y_train)
         assert merge.start_ == "member 1"
         assert merge.selected_ == "soft merge"
-        np.testing.assert_array_equal(merge.gates_[:, 0], [0.0, 1.0, 0.0])
+        # Member 1's gates alone open: it alone mixes into every unit.
+        assert merge.gates_[1, 0] > 0
+        np.testing.assert_array_equal(merge.gates_[[0, 2], 0], [0.0, 0.0])
         np.testing.assert_allclose(
             merge.predict_proba(X_test),
             good_and_weak[1].predict_proba(X_test),
@@ -114,7 +116,9 @@ class TestValidationFallback:
         with pytest.warns(UserWarning, match="falling back to member 1"):
             merge.fit(X_train, y_train)
         assert merge.selected_ == "member 1"
-        np.testing.assert_array_equal(merge.gates_[:, 0], [0.0, 1.0, 0.0])
+        # Member 1's gates alone open: it alone mixes into every unit.
+        assert merge.gates_[1, 0] > 0
+        np.testing.assert_array_equal(merge.gates_[[0, 2], 0], [0.0, 0.0])
         for name, value in good.module_.state_dict().items():
             assert torch.equal(merge.merged_net_.module_.state_dict()[name], value)
         np.testing.assert_array_equal(
@@ -155,7 +159,7 @@ class TestBrokenMembers:
         X_train, X_test, y_train, _ = split
         members = [corrupted(clean[0], "nan"), clean[1]]
         merge = fit_quietly(SoftMergeClassifier(members, **FIT), X_train, y_train)
-        np.testing.assert_array_equal(merge.gates_[:, 0], [0.0, 1.0])
+        assert merge.gates_[0, 0] == 0 and merge.gates_[1, 0] > 0
         np.testing.assert_allclose(
             merge.predict_proba(X_test), clean[1].predict_proba(X_test), rtol=1e-6
         )
@@ -188,10 +192,11 @@ class TestMaliciousMembers:
         members = [corrupted(clean[0], "scaled"), *clean[1:]]
         merge = SoftMergeClassifier(members, merge="2", **FIT)
         fit_quietly(merge, X_train, y_train)
-        # the unmerged first layer comes from a sound member, not the malicious one
-        torch.testing.assert_close(
-            merge.merged_net_.module_[0].weight, clean[1].module_[0].weight
-        )
+        # The unmerged first layer comes from a sound member (the first one
+        # screened nowhere, or the member the check fell back to), not the
+        # malicious one.
+        weight = merge.merged_net_.module_[0].weight
+        assert any(torch.equal(weight, net.module_[0].weight) for net in clean[1:])
         assert merge.score(X_test, y_test) > 0.8
 
     def test_huge_values_never_give_nan(self, clean, split):

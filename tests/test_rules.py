@@ -100,7 +100,9 @@ class TestEstimator:
             "member 2",
             "greedy soup",
         }
-        np.testing.assert_array_equal(merge.gates_[:, 0], [1.0, 1.0, 0.0])
+        # The greedy soup's members open with equal gates, the outsider closed.
+        gates = merge.gates_[:, 0]
+        assert gates[0] == gates[1] > 0 and gates[2] == 0
         X, y = line
         np.testing.assert_allclose(merge.predict(X), y, atol=1e-6)
 
@@ -156,8 +158,8 @@ class TestRefit:
         assert merge.selected_ == "soft merge" and merge.best_epoch_ > 0
         *folds, (n_all, final_epochs, final_start) = calls
         assert [(n, epochs) for n, epochs, _ in folds] == [(320, 10)] * 5
-        # As many steps as the folds took: 4/5 of the epochs on all samples.
-        assert (n_all, final_epochs) == (400, max(1, round(merge.best_epoch_ * 0.8)))
+        # As many epochs as the folds chose, on all samples.
+        assert (n_all, final_epochs) == (400, merge.best_epoch_)
         torch.testing.assert_close(final_start, folds[0][2])
         scores = merge.validation_scores_
         assert scores["soft merge"] > scores["uniform average"]

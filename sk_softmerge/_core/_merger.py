@@ -39,6 +39,15 @@ INIT_LOG_ALPHA = 3.0
 (deterministic gate exactly 1), a closed one at minus it (exactly 0), both
 still within reach of training."""
 
+OPEN_START_LOG_ALPHA = 1.5
+"""Log-alpha of the open gates where cross-fitting starts from a fixed rule:
+equal open gates give the same merge at any value (a unit's mixing weights are
+its gates over their sum; this one gives deterministic gates of 0.88), but a
+gate drawn during training is clamped at 1, where it has no gradient, in 48%
+of draws at 1.5 against 80% at ``INIT_LOG_ALPHA``, so the gates learn from
+more of their draws (chosen by measurement: ``benchmarks/RESULTS.md``,
+"Where the gates start")."""
+
 
 class UnitCorrection(Protocol):
     """What :meth:`SoftMerge.set_repair` takes: a correction of merged units'
@@ -200,18 +209,20 @@ class SoftMerge(torch.nn.Module):
 
     @torch.no_grad()
     def start_from(
-        self, gates: torch.Tensor, magnitude: float = INIT_LOG_ALPHA
+        self, gates: torch.Tensor, open_log_alpha: float = INIT_LOG_ALPHA
     ) -> None:
-        """Set every log-alpha to ``magnitude`` where ``gates`` is open, else
-        to ``-magnitude``: the deterministic gates become those 0/1 gates.
+        """Set every log-alpha to ``open_log_alpha`` where ``gates`` is open,
+        else to ``-INIT_LOG_ALPHA``: the merge becomes that of those 0/1 gates.
 
         Parameters
         ----------
         gates : torch.Tensor of shape (n_members, n_units)
             Gates to start from; open where positive.
-        magnitude : float, default=INIT_LOG_ALPHA
-            Size of the log-alphas; 3 gives deterministic gates of exactly 0
-            and 1 that training can still move.
+        open_log_alpha : float, default=INIT_LOG_ALPHA
+            Log-alpha of the open gates, above ``-INIT_LOG_ALPHA``; the
+            default gives deterministic gates of exactly 1, and every value
+            the same merge (a unit's mixing weights are its gates over their
+            sum). Closed gates start at ``-INIT_LOG_ALPHA``, exactly 0.
 
         Examples
         --------
@@ -223,8 +234,10 @@ class SoftMerge(torch.nn.Module):
         tensor([[0.],
                 [1.]], grad_fn=<ClampBackward1>)
         """
-        magnitude = torch.tensor(magnitude, dtype=self.log_alpha.dtype)
-        self.set_log_alpha(torch.where(gates > 0, magnitude, -magnitude))
+        dtype = self.log_alpha.dtype
+        opened = torch.tensor(open_log_alpha, dtype=dtype)
+        closed = torch.tensor(-INIT_LOG_ALPHA, dtype=dtype)
+        self.set_log_alpha(torch.where(gates > 0, opened, closed))
 
     @torch.no_grad()
     def set_log_alpha(self, log_alpha: torch.Tensor) -> None:
