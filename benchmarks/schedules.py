@@ -127,6 +127,11 @@ SCHEDULES = {
         {},
         "cascade",
     ),
+    "12 epochs, lr 0.2, tensor gates": (
+        {"granularity": "tensor"},
+        "open at 1.5, epochs",
+    ),
+    "12 epochs, lr 0.2, layer gates": ({"granularity": "layer"}, "open at 1.5, epochs"),
 }
 
 

@@ -46,7 +46,7 @@ its gates over their sum; this one gives deterministic gates of 0.88), but a
 gate drawn during training is clamped at 1, where it has no gradient, in 48%
 of draws at 1.5 against 80% at ``INIT_LOG_ALPHA``, so the gates learn from
 more of their draws (chosen by measurement: ``benchmarks/RESULTS.md``,
-"Where the gates start")."""
+"Three random states, and the new default")."""
 
 
 class UnitCorrection(Protocol):
