@@ -366,7 +366,7 @@ def cascade(first=0.0):
 
     def cascading(*args, **kwargs):
         fallback["on"] = False
-        result = cross_fit(*args, **{**kwargs, "open_log_alpha": first})
+        result = cross_fit(*args, **kwargs)  # open_at(first) set open_log_alpha
         if result.best_epoch == 0:
             fallback["on"] = True
             softmerge.OPEN_START_LOG_ALPHA = INIT_LOG_ALPHA  # the final start
