@@ -28,7 +28,9 @@ and how long the final gates learn on all the data:
   merge kept only if its out-of-fold accuracy is at least its start's (see
   :func:`accuracy_guard`);
 - ``cascade``: ``open at 0, epochs``, and where no epoch of it beats the start
-  out of fold, ``steps`` (see :func:`cascade`).
+  out of fold, ``steps`` (see :func:`cascade`);
+- ``calibrated check``: the default, with every out-of-fold loss taken at its
+  best temperature (see :func:`calibrated_check`).
 
 All but the default replace private functions of the package for the duration
 of a fit (``unittest.mock.patch``): they are experiments, not options. "best
@@ -67,6 +69,7 @@ import sk_softmerge._core._training as training
 import sk_softmerge._softmerge as softmerge
 from sk_softmerge import SoftMergeClassifier
 from sk_softmerge._core._merger import INIT_LOG_ALPHA
+from sk_softmerge._inputs import call
 
 HERE = Path(__file__).parent
 
@@ -132,6 +135,7 @@ SCHEDULES = {
         "open at 1.5, epochs",
     ),
     "12 epochs, lr 0.2, layer gates": ({"granularity": "layer"}, "open at 1.5, epochs"),
+    "12 epochs, lr 0.2, calibrated check": ({}, "calibrated check"),
 }
 
 
@@ -381,6 +385,54 @@ def cascade(first=0.0):
         yield
 
 
+@contextlib.contextmanager
+def calibrated_check():
+    """The out-of-fold losses that choose the epoch, and test it against the
+    start, are each taken at the temperature that minimises their mean on the
+    samples scored (one scalar per fold and epoch, the start's included), so
+    that gates which only soften overconfident members' outputs do not pass
+    the test. Members must be trained with ``CrossEntropyLoss``."""
+
+    @torch.no_grad()
+    def losses(self, index):
+        merger, part = self._fit.merger, self._part(index)
+        gates = merger.gates()
+        output = torch.cat(
+            [
+                call(merger, self.X[b], gates=gates)
+                for b in part.split(self._fit.eval_batch)
+            ]
+        )
+        scale = _best_temperature(output, self.y[part])
+        found = torch.nn.functional.cross_entropy(
+            scale * output, self.y[part], reduction="none"
+        )
+        if self.w is not None:
+            found = found * self.w[part]
+        return found.cpu().numpy() if torch.isfinite(found).all() else None
+
+    with mock.patch.object(softmerge._Samples, "losses", losses):
+        yield
+
+
+def _best_temperature(logits, y, n_steps=20):
+    """The scale ``b`` of ``logits`` of least mean cross-entropy against ``y``
+    (Newton's method on ``log b``, steps clipped to 1; 1 for non-finite
+    logits)."""
+    if not torch.isfinite(logits).all():
+        return 1.0
+    z, log_b = logits.double(), torch.zeros((), dtype=torch.float64)
+    with torch.enable_grad():
+        for _ in range(n_steps):
+            log_b.requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(log_b.exp() * z, y)
+            (slope,) = torch.autograd.grad(loss, log_b, create_graph=True)
+            (curvature,) = torch.autograd.grad(slope, log_b)
+            step = slope / curvature if curvature > 0 else slope.sign()
+            log_b = (log_b - step.clamp(-1.0, 1.0)).detach()
+    return float(log_b.exp())
+
+
 EARLIER = _together(open_at(INIT_LOG_ALPHA), final_steps)
 
 PROTOCOLS = {
@@ -396,6 +448,7 @@ PROTOCOLS = {
     "open at 0, epochs, accuracy guard": _together(open_at(0.0), accuracy_guard),
     "open at 1.5": _together(open_at(1.5), final_steps),
     "cascade": cascade,
+    "calibrated check": calibrated_check,
 }
 
 
