@@ -252,9 +252,11 @@ class RuleBook:
     rules that any subset of those samples chooses.
 
     Members' and soups' errors do not depend on which samples choose among
-    them: each is computed once, on every sample (a soup when first asked
-    for), so that the fixed rules of every cross-fitting fold and of the
-    final fit cost one evaluation each.
+    them: a member's are computed once, on every sample, and a soup's on the
+    samples it is first asked for, then on those it has not yet seen, so
+    that every fold and the final fit share one evaluation of each sample
+    and the greedy soup's trials pass only the samples that choose among
+    them, not every sample.
 
     Parameters
     ----------
@@ -266,10 +268,14 @@ class RuleBook:
         Per-sample errors of every member alone, in the order of the rows
         (``None``: the member does not predict).
     soup_errors : callable
-        ``soup_errors(gates)``: per-sample errors of the merge with the given
-        gates, or ``None``.
+        ``soup_errors(gates, index)``: per-sample errors of the merge with the
+        given gates on the samples at the positions ``index`` (ndarray of
+        int, in increasing order; ``None`` for all), or ``None`` when it does
+        not predict.
     score : callable
         ``score(errors)``: the score that errors amount to (higher is better).
+    n_samples : int
+        Number of samples.
     names : sequence of str, default=None
         Name of every estimator; ``None`` names them ``"member i"``.
 
@@ -277,22 +283,34 @@ class RuleBook:
     --------
     >>> import numpy as np, torch
     >>> from sk_softmerge._rules import RuleBook
+    >>> def soup_errors(gates, index):  # two members err on sample 2
+    ...     print("soup of", gates[:, 0].tolist(), "on samples", index)
+    ...     return ((index == 2) & bool(gates.sum() > 1)).astype(float)
     >>> book = RuleBook(torch.ones(2, 1), [0, 1],
     ...                 [np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 1.0])],
-    ...                 lambda gates: np.array([0.0, 0.0, gates.sum() > 1]),
-    ...                 lambda errors: 1 - errors.mean())
+    ...                 soup_errors, lambda errors: 1 - errors.mean(), 3)
     >>> candidates, errors, soup = book.rules(np.array([1, 2]))
+    soup of [1.0, 0.0] on samples [1 2]
+    soup of [1.0, 1.0] on samples [1 2]
     >>> [c.name for c in candidates], soup.name
     (['uniform average', 'member 0', 'member 1'], 'member 0')
     >>> errors["member 1"]
     array([1., 1.])
+    >>> book.errors(candidates[0])  # the uniform average: sample 0 is new
+    soup of [1.0, 1.0] on samples [0]
+    array([0., 0., 1.])
     """
 
-    def __init__(self, average, members, member_errors, soup_errors, score, names=None):
+    def __init__(
+        self, average, members, member_errors, soup_errors, score, n_samples, names=None
+    ):
         self._average, self._members, self._names = average, members, names
         self._member_errors = list(member_errors)
         self._soup_errors, self._score = soup_errors, score
-        self._soups: dict[bytes, np.ndarray | None] = {}
+        self._n_samples = n_samples
+        # Per soup: its errors, and which of them are known (None: no
+        # prediction).
+        self._soups: dict[bytes, tuple[np.ndarray, np.ndarray] | None] = {}
 
     def data_free_rules(self) -> list[Candidate]:
         """The uniform average and every member alone: the rules whose errors
@@ -304,12 +322,29 @@ class RuleBook:
         when ``None``); ``None`` when it does not predict."""
         if candidate.member is not None:
             found = self._member_errors[self._members.index(candidate.member)]
-        else:
-            key = candidate.gates.cpu().numpy().tobytes()
-            if key not in self._soups:
-                self._soups[key] = self._soup_errors(candidate.gates)
-            found = self._soups[key]
-        return _subset(found, index)
+            return _subset(found, index)
+        return self._soup(candidate.gates, index)
+
+    def _soup(self, gates, index) -> np.ndarray | None:
+        """A soup's errors on ``index``, evaluated on those samples not yet
+        evaluated."""
+        key = gates.cpu().numpy().tobytes()
+        n = self._n_samples
+        if key not in self._soups:
+            self._soups[key] = (np.zeros(n), np.zeros(n, dtype=bool))
+        if self._soups[key] is None:
+            return None
+        values, known = self._soups[key]
+        wanted = np.arange(n) if index is None else np.unique(index)
+        missing = wanted[~known[wanted]]
+        if len(missing):
+            everything = len(missing) == n
+            found = self._soup_errors(gates, None if everything else missing)
+            if found is None:
+                self._soups[key] = None
+                return None
+            values[missing], known[missing] = found, True
+        return _subset(values, index)
 
     def rules(self, index=None) -> tuple[list[Candidate], dict, Candidate]:
         """The fixed rules chosen on the samples ``index`` (all when

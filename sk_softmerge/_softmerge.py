@@ -217,8 +217,10 @@ class _SoftMergeBase(MergedNetMixin, BaseEstimator):
         and the chosen candidate."""
         data, merger = fit.data, fit.merger
         self.cv_results_ = None
-        evaluate = _evaluation(fit)
-        book = _rule_book(fit, evaluate, average, nets, rows, self.named_estimators_)
+        evaluate, n_samples = _evaluation(fit)
+        book = _rule_book(
+            fit, evaluate, n_samples, average, nets, rows, self.named_estimators_
+        )
         candidates, errors, _ = book.rules()
         start = choose_start(candidates, errors)
         merger.start_from(start.gates, INIT_LOG_ALPHA)
@@ -253,7 +255,13 @@ class _SoftMergeBase(MergedNetMixin, BaseEstimator):
         the chosen candidate; sets ``validation_scores_`` and ``cv_results_``."""
         samples = _Samples(self, fit)
         book = _rule_book(
-            fit, samples.errors, average, nets, rows, self.named_estimators_
+            fit,
+            samples.errors,
+            samples.n_samples,
+            average,
+            nets,
+            rows,
+            self.named_estimators_,
         )
         splits, choosing = fit.data.splits, _subsample(fit.generator.initial_seed())
         result = cross_fit(
@@ -980,10 +988,12 @@ class _Fit(NamedTuple):
 
 
 def _evaluation(fit: _Fit):
-    """``evaluate(forward)``: per-sample errors of a model on the held-out part
-    (on at most ``MAX_START_SAMPLES`` training samples without one), run on
-    ``fit.eval_batch`` samples at a time, times the samples' weights of mean 1
-    when weighted."""
+    """``evaluate(forward, index=None)``: per-sample errors of a model on the
+    held-out part (on at most ``MAX_START_SAMPLES`` training samples without
+    one), run on ``fit.eval_batch`` samples at a time, times the samples'
+    weights of mean 1 when weighted, at the positions ``index`` of the part
+    (all for ``None``; the part is evaluated whole, as regression errors are
+    scaled by its variance); and the number of samples of the part."""
     data = fit.data
     X, y, w = data.held_out or (data.X_train, data.y_train, data.w_train)
     if data.held_out is None and X.shape[0] > MAX_START_SAMPLES:
@@ -994,7 +1004,13 @@ def _evaluation(fit: _Fit):
     errors = partial(
         fit.task.errors, X=X, y=y, predict=fit.predict, batch_size=fit.eval_batch
     )
-    return weighted(errors, None if w is None else w.cpu().numpy())
+    errors = weighted(errors, None if w is None else w.cpu().numpy())
+
+    def evaluate(forward, index=None):
+        found = errors(forward)
+        return found if found is None or index is None else found[index]
+
+    return evaluate, X.shape[0]
 
 
 class _Samples:
@@ -1077,17 +1093,24 @@ def _subsample(seed: int):
     return choosing
 
 
-def _rule_book(fit: _Fit, evaluate, average, nets, rows, names) -> RuleBook:
-    """The fixed rules' errors by ``evaluate(forward)``."""
+def _rule_book(
+    fit: _Fit, evaluate, n_samples: int, average, nets, rows, names
+) -> RuleBook:
+    """The fixed rules' errors on ``n_samples`` samples by
+    ``evaluate(forward, index)`` (the samples at the positions ``index``, all
+    for ``None``)."""
     # Members are evaluated as they predict: with their own batch-norm
     # statistics.
-    member_errors = [evaluate(fit.merger.member_forward(nets[i].module_)) for i in rows]
+    member_errors = [
+        evaluate(fit.merger.member_forward(nets[i].module_), None) for i in rows
+    ]
     return RuleBook(
         average,
         rows,
         member_errors,
-        lambda gates: evaluate(partial(fit.merger, gates=gates)),
+        lambda gates, index: evaluate(partial(fit.merger, gates=gates), index),
         fit.task.score,
+        n_samples,
         list(names),
     )
 

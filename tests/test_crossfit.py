@@ -156,8 +156,9 @@ class TestCrossFit:
             merger.gates().detach(),
             [0, 1],
             [np.zeros(12), np.ones(12)],
-            lambda gates: np.full(12, 0.5),
+            lambda gates, index: np.full(12 if index is None else len(index), 0.5),
             lambda e: 1 - e.mean(),
+            12,
         )
         seen = []
 

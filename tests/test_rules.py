@@ -7,7 +7,13 @@ from skorch import NeuralNetRegressor
 
 import sk_softmerge._softmerge
 from sk_softmerge import SoftMergeRegressor
-from sk_softmerge._rules import Candidate, choose_start, fixed_rules, greedy_soup
+from sk_softmerge._rules import (
+    Candidate,
+    RuleBook,
+    choose_start,
+    fixed_rules,
+    greedy_soup,
+)
 
 
 def linear_member(weight):
@@ -85,6 +91,63 @@ class TestFixedRules:
         assert choose_start(rules, losses).name == "greedy soup"
 
 
+class TestRuleBook:
+    """Soups are evaluated on the samples asked for, each sample once."""
+
+    @pytest.fixture
+    def book(self):
+        asked = []
+
+        def soup_errors(gates, index):
+            asked.append((gates[:, 0].tolist(), index))
+            if gates[2, 0] == 1:  # member 2 breaks every soup it joins
+                return None
+            positions = np.arange(100) if index is None else index
+            if gates[1, 0] == 1:  # member 1 errs everywhere in a soup
+                return np.ones(len(positions))
+            return (positions % 2).astype(float)
+
+        members = [np.zeros(100), np.ones(100), np.zeros(100)]
+        book = RuleBook(torch.ones(3, 1), [0, 1, 2], members, soup_errors, _score, 100)
+        return book, asked
+
+    def test_trial_soups_pass_only_the_choosing_samples(self, book):
+        book, asked = book
+        choosing = np.array([3, 10, 11])
+        _, errors, soup = book.rules(choosing)
+        assert soup.name == "member 0"  # member 1 worsens it, member 2 breaks it
+        assert asked and all(np.array_equal(index, choosing) for _, index in asked)
+        np.testing.assert_array_equal(errors["member 1"], [1.0, 1.0, 1.0])
+        assert errors["uniform average"] is None
+
+    def test_each_sample_evaluated_once(self, book):
+        book, asked = book
+        soup_of_0 = Candidate("soup", torch.tensor([[1.0], [0.0], [0.0]]))
+        np.testing.assert_array_equal(book.errors(soup_of_0, np.array([4, 5])), [0, 1])
+        np.testing.assert_array_equal(book.errors(soup_of_0, np.array([5, 7])), [1, 1])
+        full = book.errors(soup_of_0)
+        np.testing.assert_array_equal(full, np.arange(100) % 2)
+        indices = [index for _, index in asked]
+        np.testing.assert_array_equal(indices[0], [4, 5])
+        np.testing.assert_array_equal(indices[1], [7])
+        assert len(indices[2]) == 97 and not {4, 5, 7} & set(indices[2])
+        book.errors(soup_of_0)
+        assert len(asked) == 3
+
+    def test_a_soup_that_does_not_predict_is_asked_once(self, book):
+        book, asked = book
+        average = book.data_free_rules()[0]
+        assert book.errors(average, np.array([0])) is None
+        assert book.errors(average, np.array([1])) is None
+        assert book.errors(average) is None
+        assert len(asked) == 1
+        assert asked[0][1] is not None
+
+
+def _score(errors):
+    return -np.inf if errors is None else 1 - errors.mean()
+
+
 class TestEstimator:
     def test_starts_from_the_greedy_soup(self, two_halves_and_an_outsider, line):
         merge = SoftMergeRegressor(
@@ -125,14 +188,14 @@ class TestEstimator:
 
 
 @pytest.fixture(scope="module")
-def pair():
+def soup_of_0():
     """Members off by +20% and -40%: the average is off by 10%, and gates
     weighting them 2:1 are exact."""
     return [linear_member(1.2), linear_member(0.6)]
 
 
 class TestRefit:
-    """Relearning on all the data, on ``pair``."""
+    """Relearning on all the data, on ``soup_of_0``."""
 
     def _recorded_fit(self, members, line, monkeypatch, **params):
         calls = []
@@ -152,9 +215,9 @@ class TestRefit:
         return merge.fit(*line), calls
 
     def test_cross_fitting_learns_every_fold_then_all_data_from_the_start(
-        self, pair, line, monkeypatch
+        self, soup_of_0, line, monkeypatch
     ):
-        merge, calls = self._recorded_fit(pair, line, monkeypatch, cv=5)
+        merge, calls = self._recorded_fit(soup_of_0, line, monkeypatch, cv=5)
         assert merge.selected_ == "soft merge" and merge.best_epoch_ > 0
         *folds, (n_all, final_epochs, final_start) = calls
         assert [(n, epochs) for n, epochs, _ in folds] == [(320, 10)] * 5
@@ -166,9 +229,9 @@ class TestRefit:
         assert merge.score(*line) >= 0.99
 
     def test_kept_epochs_are_relearned_on_all_data_from_the_start(
-        self, pair, line, monkeypatch
+        self, soup_of_0, line, monkeypatch
     ):
-        merge, calls = self._recorded_fit(pair, line, monkeypatch)
+        merge, calls = self._recorded_fit(soup_of_0, line, monkeypatch)
         assert merge.selected_ == "soft merge" and merge.best_epoch_ > 0
         (n_train, epochs, start), (n_all, refit_epochs, refit_start) = calls
         assert merge.start_ == "uniform average"
@@ -178,7 +241,9 @@ class TestRefit:
         assert merge.gates_[0, 0] > merge.gates_[1, 0]
         assert merge.score(*line) > 0.99
 
-    def test_without_refit_the_checked_gates_are_kept(self, pair, line, monkeypatch):
-        merge, calls = self._recorded_fit(pair, line, monkeypatch, refit=False)
+    def test_without_refit_the_checked_gates_are_kept(
+        self, soup_of_0, line, monkeypatch
+    ):
+        merge, calls = self._recorded_fit(soup_of_0, line, monkeypatch, refit=False)
         assert len(calls) == 1 and merge.best_epoch_ > 0
         assert merge.score(*line) > 0.99
