@@ -19,17 +19,13 @@ at its defaults) fit on all the training data, as SoftMerge is::
 cross-entropy).
 """
 
-import argparse
 import warnings
-from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
-from schedules import _members
+from schedules import members_of, recording_cross_fit, scenario_parser
 from sklearn.model_selection import train_test_split
 
-import sk_softmerge._softmerge as softmerge
 from sk_softmerge import SoftMergeClassifier
 from sk_softmerge.baselines import LearnedSoupClassifier, UniformSoupClassifier
 
@@ -49,14 +45,9 @@ def seen_by_members(y_train, seed):
 def evidence(X_train, X_test, y_train, y_test, members, seed):
     """One row: the out-of-fold evidence split by what the members saw, and
     the test accuracies."""
-    found, cross_fit = {}, softmerge.cross_fit
-
-    def recording(*args, **kwargs):
-        found["result"] = cross_fit(*args, **kwargs)
-        return found["result"]
-
+    found = {}
     merge = SoftMergeClassifier(members, random_state=seed)
-    with mock.patch.object(softmerge, "cross_fit", recording):
+    with recording_cross_fit(found):
         merge.fit(X_train, y_train)
     result = found["result"]
     order = np.concatenate([fold.test for fold in result.folds])
@@ -81,12 +72,7 @@ def evidence(X_train, X_test, y_train, y_test, members, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--scenarios", nargs="+", default=["k", "h"])
-    parser.add_argument(
-        "--cache", type=Path, help="keep each scenario's members in this folder"
-    )
+    parser = scenario_parser(__doc__, ["k", "h"])
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(1)
@@ -101,7 +87,7 @@ def main():
         if scenario not in "fghk":
             parser.error(f"members see all the data in ({scenario}); use f, g, h, k")
         for seed in args.seeds:
-            data = _members(scenario, seed, args.cache)
+            data = members_of(scenario, seed, args.cache)
             best, *cells = evidence(*data, seed)
             pairs = [cells[i : i + 2] for i in range(0, 8, 2)]
             text = [

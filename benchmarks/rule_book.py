@@ -7,21 +7,19 @@ scores the rules out of fold on every sample. This counts the calls of the
 rule book's soup evaluation (the uniform average, the greedy soup and its
 trials, as merges of the members' weights), the samples they pass and their
 seconds, against the fit's seconds, on the members of ``quality.py``'s
-scenarios (seed 0) and on the members of (g) given their training data ten
-times over with noise (40,000 samples)::
+scenarios (seed 0, or the first of ``--seeds``) and on the members of (g)
+given their training data ten times over with noise (40,000 samples)::
 
     cd benchmarks && OMP_NUM_THREADS=1 python rule_book.py --scenarios k h
 """
 
-import argparse
 import time
 import warnings
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import torch
-from schedules import _members
+from schedules import members_of, scenario_parser
 
 import sk_softmerge._rules as rules
 from sk_softmerge import SoftMergeClassifier
@@ -56,18 +54,13 @@ def soup_evaluations(members, X, y):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", nargs="+", default=["k", "h"])
-    parser.add_argument(
-        "--cache", type=Path, help="keep each scenario's members in this folder"
-    )
-    args = parser.parse_args()
+    args = scenario_parser(__doc__, ["k", "h"], seeds=(0,)).parse_args()
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(1)
-    X, _, y, _, members = _members("g", 0, args.cache)
+    X, _, y, _, members = members_of("g", args.seeds[0], args.cache)
     rng = np.random.default_rng(0)
     noisy = [X + 0.05 * rng.standard_normal(X.shape).astype(X.dtype) for _ in range(10)]
-    cases = [(s, _members(s, 0, args.cache)) for s in args.scenarios]
+    cases = [(s, members_of(s, args.seeds[0], args.cache)) for s in args.scenarios]
     cases.append(
         ("g, x10", (np.concatenate(noisy), None, np.tile(y, 10), None, members))
     )

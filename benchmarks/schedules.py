@@ -198,13 +198,13 @@ def fold_average():
         return training.GateTraining()
 
     with (
-        _recording_cross_fit(found),
+        recording_cross_fit(found),
         mock.patch.object(softmerge._Samples, "learn", final),
     ):
         yield
 
 
-def _recording_cross_fit(found):
+def recording_cross_fit(found):
     """Patch ``cross_fit`` to keep each fit's result in ``found["result"]``."""
     cross_fit = softmerge.cross_fit
 
@@ -354,7 +354,7 @@ def accuracy_guard():
         return result.folds[0].start.name
 
     with (
-        _recording_cross_fit(found),
+        recording_cross_fit(found),
         mock.patch.object(softmerge, "choose_lowest_loss", guarded),
     ):
         yield
@@ -452,10 +452,20 @@ PROTOCOLS = {
 }
 
 
+def scenario_parser(doc, scenarios, seeds=(0, 1, 2)):
+    """An argument parser described by the first line of ``doc``, with
+    ``--seeds``, ``--scenarios`` and ``--cache`` (see :func:`members_of`)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    parser.add_argument("--scenarios", nargs="+", default=scenarios)
+    parser.add_argument(
+        "--cache", type=Path, help="keep each scenario's members in this folder"
+    )
+    return parser
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--scenarios", nargs="+", default=["f", "g", "h"])
+    parser = scenario_parser(__doc__, ["f", "g", "h"])
     parser.add_argument("--schedules", nargs="+", type=int, help="their positions")
     parser.add_argument(
         "--reference",
@@ -464,9 +474,6 @@ def main():
         metavar="JSON",
         help="more per-seed rows of the quality benchmark (quality.py --json), "
         "for seeds that quality.json lacks",
-    )
-    parser.add_argument(
-        "--cache", type=Path, help="keep each scenario's members in this folder"
     )
     parser.add_argument(
         "--offset",
@@ -491,7 +498,7 @@ def main():
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for scenario in args.scenarios:
-        data = {seed: _members(scenario, seed, args.cache) for seed in args.seeds}
+        data = {seed: members_of(scenario, seed, args.cache) for seed in args.seeds}
         unit = {
             seed: member_training_seconds(members[0], X, y)
             for seed, (X, _, y, _, members) in data.items()
@@ -527,7 +534,7 @@ def _fits(data, unit, params, protocol, offset):
     return scores, costs, epochs
 
 
-def _members(scenario, seed, cache):
+def members_of(scenario, seed, cache):
     """``quality.members_for``, kept in the folder ``cache`` (if given)."""
     if cache is None:
         return members_for(scenario, seed, {})
