@@ -21,9 +21,8 @@ import warnings
 
 import numpy as np
 import torch
-from quality import FIXED_RULES, REGRESSION
+from quality import FIXED_RULES, REGRESSION, rules_split
 from schedules import HERE, members_of, scenario_parser
-from sklearn.model_selection import train_test_split
 
 from sk_softmerge import SoftMergeClassifier, SoftMergeRegressor, baselines
 
@@ -43,13 +42,7 @@ def chosen_rule(scenario, seed, cache):
     on."""
     X_train, X_test, y_train, y_test, members = members_of(scenario, seed, cache)
     regression = scenario in REGRESSION
-    X_rest, X_val, y_rest, y_val = train_test_split(
-        X_train,
-        y_train,
-        test_size=0.2,
-        stratify=None if regression else y_train,
-        random_state=seed,
-    )
+    X_rest, X_val, y_rest, y_val = rules_split(scenario, seed, X_train, y_train)
     kind = "Regressor" if regression else "Classifier"
     test, rest = {}, {}
     for name, prefix in RULES.items():

@@ -241,16 +241,23 @@ def members_on_70_percent(scenario, seed, X_train, y_train):
     )
 
 
-def run_scenario(scenario, seed, cache):
-    X_train, X_test, y_train, y_test, members = members_for(scenario, seed, cache)
+def rules_split(scenario, seed, X_train, y_train):
+    """The training data split into the 80% the fixed rules leave and the
+    (stratified, for classifiers) 20% they are chosen on or fit on."""
     regression = scenario in REGRESSION
-    _, X_val, _, y_val = train_test_split(
+    return train_test_split(
         X_train,
         y_train,
         test_size=0.2,
         stratify=None if regression else y_train,
         random_state=seed,
     )
+
+
+def run_scenario(scenario, seed, cache):
+    X_train, X_test, y_train, y_test, members = members_for(scenario, seed, cache)
+    regression = scenario in REGRESSION
+    _, X_val, _, y_val = rules_split(scenario, seed, X_train, y_train)
     baselines = [
         ("best member", BestMemberRegressor, BestMemberClassifier),
         ("uniform soup", UniformSoupRegressor, UniformSoupClassifier),
