@@ -188,14 +188,14 @@ class TestEstimator:
 
 
 @pytest.fixture(scope="module")
-def soup_of_0():
+def pair():
     """Members off by +20% and -40%: the average is off by 10%, and gates
     weighting them 2:1 are exact."""
     return [linear_member(1.2), linear_member(0.6)]
 
 
 class TestRefit:
-    """Relearning on all the data, on ``soup_of_0``."""
+    """Relearning on all the data, on ``pair``."""
 
     def _recorded_fit(self, members, line, monkeypatch, **params):
         calls = []
@@ -215,9 +215,9 @@ class TestRefit:
         return merge.fit(*line), calls
 
     def test_cross_fitting_learns_every_fold_then_all_data_from_the_start(
-        self, soup_of_0, line, monkeypatch
+        self, pair, line, monkeypatch
     ):
-        merge, calls = self._recorded_fit(soup_of_0, line, monkeypatch, cv=5)
+        merge, calls = self._recorded_fit(pair, line, monkeypatch, cv=5)
         assert merge.selected_ == "soft merge" and merge.best_epoch_ > 0
         *folds, (n_all, final_epochs, final_start) = calls
         assert [(n, epochs) for n, epochs, _ in folds] == [(320, 10)] * 5
@@ -229,9 +229,9 @@ class TestRefit:
         assert merge.score(*line) >= 0.99
 
     def test_kept_epochs_are_relearned_on_all_data_from_the_start(
-        self, soup_of_0, line, monkeypatch
+        self, pair, line, monkeypatch
     ):
-        merge, calls = self._recorded_fit(soup_of_0, line, monkeypatch)
+        merge, calls = self._recorded_fit(pair, line, monkeypatch)
         assert merge.selected_ == "soft merge" and merge.best_epoch_ > 0
         (n_train, epochs, start), (n_all, refit_epochs, refit_start) = calls
         assert merge.start_ == "uniform average"
@@ -241,9 +241,7 @@ class TestRefit:
         assert merge.gates_[0, 0] > merge.gates_[1, 0]
         assert merge.score(*line) > 0.99
 
-    def test_without_refit_the_checked_gates_are_kept(
-        self, soup_of_0, line, monkeypatch
-    ):
-        merge, calls = self._recorded_fit(soup_of_0, line, monkeypatch, refit=False)
+    def test_without_refit_the_checked_gates_are_kept(self, pair, line, monkeypatch):
+        merge, calls = self._recorded_fit(pair, line, monkeypatch, refit=False)
         assert len(calls) == 1 and merge.best_epoch_ > 0
         assert merge.score(*line) > 0.99
